@@ -1,0 +1,202 @@
+"""Step models for transformers models: causal LMs and encoder-decoders, with their KV cache.
+
+Each adapter feeds the model exactly what transformers' own ``generate`` feeds it (position ids from the
+attention mask, the mask dropped when a batch has no padding, the encoder run once per prompt), so greedy
+and beam search reproduce ``model.generate`` token for token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+__all__ = ["CausalLMStepModel", "Seq2SeqStepModel", "hf_step_model"]
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older releases)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _output_cache(outputs: Any) -> Any:
+    cache = outputs.get("cache") if hasattr(outputs, "get") else None
+    return cache if cache is not None else outputs.get("past_key_values")
+
+
+def _reorder(cache: Any, index: torch.LongTensor) -> Any:
+    if cache is None:
+        return None
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    # Legacy tuple-of-tuples caches: [layers][k, v, ...] each [B, ...].
+    return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+
+
+@dataclass(frozen=True)
+class _CausalState:
+    cache: Any                                # the model's KV cache, B rows (None when uncached)
+    attention_mask: torch.LongTensor | None   # [B, T] or None when no row has padding
+    next_position: torch.LongTensor           # [B] position id of the next token
+    tokens: torch.LongTensor | None = None    # [B, T] the whole sequence, kept only when uncached
+    positions: torch.LongTensor | None = None  # [B, T] its position ids, kept only when uncached
+
+
+class CausalLMStepModel:
+    """A decoder-only transformers model (GPT-2, Llama, ...) as a :class:`~decoding.protocol.StepModel`."""
+
+    def __init__(self, model: torch.nn.Module, *, use_cache: bool = True) -> None:
+        self.model = model
+        self.use_cache = use_cache
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._cache_kw = _cache_argument(model)
+        parameters = inspect.signature(model.forward).parameters
+        self._takes_positions = "position_ids" in parameters
+        self._takes_logits_to_keep = "logits_to_keep" in parameters
+
+    def uncached(self) -> "CausalLMStepModel":
+        """The same model recomputing the whole sequence at every step (to check caches against)."""
+        return CausalLMStepModel(self.model, use_cache=False)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "use_cache": self.use_cache}
+        if self._takes_positions:
+            kwargs["position_ids"] = position_ids
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        outputs = self.model(**kwargs, return_dict=True)
+        return outputs.logits[:, -1, :].float(), _output_cache(outputs)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask):
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
+        mask = None if bool((attention_mask == 1).all()) else attention_mask
+        logits, cache = self._forward(input_ids, mask, position_ids, None)
+        state = _CausalState(cache=cache, attention_mask=mask, next_position=position_ids[:, -1] + 1)
+        if not self.use_cache:
+            state = replace(state, cache=None, tokens=input_ids, positions=position_ids)
+        return logits, state, input_ids
+
+    @torch.no_grad()
+    def step(self, tokens, state: _CausalState):
+        mask = state.attention_mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if not self.use_cache:
+            ids = torch.cat([state.tokens, tokens[:, None]], dim=1)
+            positions = torch.cat([state.positions, state.next_position[:, None]], dim=1)
+            logits, _ = self._forward(ids, mask, positions, None)
+            return logits, replace(state, attention_mask=mask, next_position=state.next_position + 1,
+                                   tokens=ids, positions=positions)
+        logits, cache = self._forward(tokens[:, None], mask, state.next_position[:, None], state.cache)
+        return logits, _CausalState(cache=cache, attention_mask=mask, next_position=state.next_position + 1)
+
+    def select(self, state: _CausalState, index):
+        def rows(tensor):
+            return None if tensor is None else tensor.index_select(0, index)
+
+        return _CausalState(cache=_reorder(state.cache, index), attention_mask=rows(state.attention_mask),
+                            next_position=rows(state.next_position), tokens=rows(state.tokens),
+                            positions=rows(state.positions))
+
+
+@dataclass(frozen=True)
+class _Seq2SeqState:
+    cache: Any                            # decoder self- and cross-attention cache, B rows
+    encoder_hidden: torch.Tensor          # [B, S, H]
+    encoder_mask: torch.LongTensor        # [B, S]
+
+
+class Seq2SeqStepModel:
+    """A transformers encoder-decoder (BART, T5, Marian, ...) as a :class:`~decoding.protocol.StepModel`.
+
+    ``prefill`` runs the encoder once and the decoder on its start token; the output rows start with
+    ``decoder_start_token_id``, as in ``model.generate``.
+    """
+
+    is_encoder_decoder = True
+
+    def __init__(self, model: torch.nn.Module, *, decoder_start_token_id: int | None = None) -> None:
+        self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._cache_kw = _cache_argument(model)
+        if decoder_start_token_id is None:
+            decoder_start_token_id = _decoder_start_token_id(model)
+        self.decoder_start_token_id = decoder_start_token_id
+
+    def _decode(self, decoder_input_ids, state: _Seq2SeqState):
+        kwargs: dict[str, Any] = {
+            "encoder_outputs": BaseModelOutput(last_hidden_state=state.encoder_hidden),
+            "attention_mask": state.encoder_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "use_cache": True,
+        }
+        if state.cache is not None:
+            kwargs[self._cache_kw] = state.cache
+        outputs = self.model(**kwargs, return_dict=True)
+        return outputs.logits[:, -1, :].float(), replace(state, cache=_output_cache(outputs))
+
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask):
+        encoder = self.model.get_encoder()
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        start = torch.full((input_ids.shape[0], 1), self.decoder_start_token_id, dtype=torch.long,
+                           device=input_ids.device)
+        return self.prefill_encoded(hidden, attention_mask, start)
+
+    @torch.no_grad()
+    def prefill_encoded(self, encoder_hidden, encoder_mask, decoder_input_ids):
+        """``prefill`` from encoder states computed elsewhere: ``encoder_hidden [B, S, H]``,
+        ``encoder_mask [B, S]``, ``decoder_input_ids [B, P]``."""
+        logits, state = self._decode(decoder_input_ids, _Seq2SeqState(cache=None, encoder_hidden=encoder_hidden,
+                                                                      encoder_mask=encoder_mask))
+        return logits, state, decoder_input_ids
+
+    @torch.no_grad()
+    def step(self, tokens, state: _Seq2SeqState):
+        return self._decode(tokens[:, None], state)
+
+    def select(self, state: _Seq2SeqState, index):
+        return _Seq2SeqState(
+            cache=_reorder(state.cache, index),
+            encoder_hidden=state.encoder_hidden.index_select(0, index),
+            encoder_mask=state.encoder_mask.index_select(0, index),
+        )
+
+
+def _decoder_start_token_id(model: torch.nn.Module) -> int:
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "decoder_start_token_id", None)
+        if value is not None:
+            return int(value[0] if isinstance(value, (list, tuple)) else value)
+    bos = getattr(model.config, "bos_token_id", None)
+    if bos is not None:
+        return int(bos)
+    raise ValueError(
+        "decoder_start_token_id: the encoder-decoder model defines neither decoder_start_token_id nor "
+        "bos_token_id; pass decoder_start_token_id to generate"
+    )
+
+
+def hf_step_model(model: torch.nn.Module, *, decoder_start_token_id: int | None = None):
+    """Wrap a transformers ``PreTrainedModel`` with a language-modelling head into a step model."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "get_output_embeddings", None)):
+        raise TypeError(
+            f"model: expected a transformers PreTrainedModel with an LM head or an object implementing "
+            f"decoding.StepModel (prefill/step/select), got {type(model).__name__}"
+        )
+    if model.get_output_embeddings() is None:
+        raise TypeError(f"model: {type(model).__name__} has no language-modelling head to decode from")
+    if getattr(config, "is_encoder_decoder", False):
+        return Seq2SeqStepModel(model, decoder_start_token_id=decoder_start_token_id)
+    return CausalLMStepModel(model)

@@ -1,0 +1,207 @@
+"""``decoding.generate``: a drop-in for ``model.generate`` with consistent sampling and finished-row dropping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
+
+from . import transforms as T
+from .options import DecodeOptions, resolve_options
+from .protocol import StepModel, as_step_model
+from .search import Processor, SearchResult, beam_search, sample_search
+
+__all__ = ["generate", "GenerateOutput", "build_processors"]
+
+
+@dataclass
+class GenerateOutput(ModelOutput):
+    """What ``generate(..., return_dict_in_generate=True)`` returns.
+
+    Attributes:
+        sequences: ``[N, P + G]`` prefix + continuation, pad after eos; ``N = prompts x
+            num_return_sequences``, the rows of one prompt adjacent, best beam first.
+        terminated: ``[N]`` bool, the row ended with eos (False: cut by the length limit).
+        lengths: ``[N]`` generated tokens per row, eos included.
+        sequences_scores: ``[N]`` final beam scores (beam search only).
+    """
+
+    sequences: torch.LongTensor | None = None
+    terminated: torch.BoolTensor | None = None
+    lengths: torch.LongTensor | None = None
+    sequences_scores: torch.Tensor | None = None
+
+
+def _user_processor(processor: Any) -> Processor:
+    return lambda history, scores, prompt_index: processor(history, scores)
+
+
+def build_processors(options: DecodeOptions, *, prefix_length: int,
+                     padding_lengths: torch.LongTensor | None) -> list[Processor]:
+    """The logits-processor chain in transformers' order, user processors last (warpers are applied by the
+    search loop itself, after these).
+
+    Args:
+        prefix_length: ``P``, the length of the rows' prefix (prompt or decoder start).
+        padding_lengths: ``[B]`` left-padding columns per prompt (ignored by the repetition penalty).
+    """
+    chain: list[Processor] = []
+    eos = torch.tensor(options.eos_token_ids) if options.eos_token_ids else None
+    if options.repetition_penalty != 1.0:
+        penalty = options.repetition_penalty
+
+        def repetition(history, scores, prompt_index):
+            ignore = None if padding_lengths is None else padding_lengths[prompt_index]
+            return T.repetition_penalty(history, scores, penalty, prompt_ignore_length=ignore)
+
+        chain.append(repetition)
+    if options.no_repeat_ngram_size > 0:
+        size = options.no_repeat_ngram_size
+        chain.append(lambda history, scores, _: T.no_repeat_ngram(history, scores, size))
+    if options.min_new_tokens > 0 and eos is not None:
+        min_len = prefix_length + options.min_new_tokens
+        chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
+                                                             min_length=min_len))
+    if options.forced_bos_token_id is not None:
+        bos = options.forced_bos_token_id
+        chain.append(lambda history, scores, _: T.forced_bos(scores, bos, cur_len=history.shape[1]))
+    if options.forced_eos_token_id:
+        forced = torch.tensor(options.forced_eos_token_id)
+        max_len = prefix_length + options.max_new_tokens
+        chain.append(lambda history, scores, _: T.forced_eos(scores, forced, cur_len=history.shape[1],
+                                                             max_length=max_len))
+    if options.exponential_decay_length_penalty is not None and eos is not None:
+        start, factor = options.exponential_decay_length_penalty
+        chain.append(lambda history, scores, _: T.exponential_decay_length_penalty(
+            scores, eos, cur_len=history.shape[1], input_len=prefix_length, start_index=start,
+            decay_factor=factor))
+    chain.extend(_user_processor(p) for p in options.logits_processor)
+    return chain
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any, *, vocab_size: int, is_encoder_decoder: bool,
+                  pad_token_id: int | None, eos_token_ids: Sequence[int]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError("input_ids must be an integer torch.Tensor of shape [batch, length]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids has no rows: pass at least one prompt")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: a decoder-only model needs at least one prompt token"
+                         if not is_encoder_decoder else "input_ids is empty: pass at least one source token")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids contains token ids outside the vocabulary [0, {vocab_size})")
+    if attention_mask is None:
+        # transformers' rule: infer the mask from pad tokens, unless pad is also an eos token
+        infer = (pad_token_id is not None and pad_token_id not in eos_token_ids
+                 and bool((input_ids == pad_token_id).any()))
+        attention_mask = (input_ids != pad_token_id).long() if infer else torch.ones_like(input_ids)
+    else:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        attention_mask = attention_mask.long()
+    real = attention_mask != 0
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("attention_mask: some rows have no real token (all zeros); every prompt needs one")
+    if not is_encoder_decoder and not bool(real[:, -1].all()):
+        raise ValueError(
+            "attention_mask: right padding detected; decoder-only models need left-padded prompts "
+            "(tokenizer.padding_side = 'left')"
+        )
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    *,
+    generation_config: GenerationConfig | None = None,
+    logits_processor: Sequence[Any] | None = None,
+    consistent: bool = False,
+    generator: torch.Generator | None = None,
+    drop_finished: bool = True,
+    progress: bool = False,
+    **kwargs: Any,
+) -> torch.LongTensor | GenerateOutput:
+    """Generate continuations, with ``model.generate``'s options, meanings and output layout.
+
+    Args:
+        model: a transformers causal LM or encoder-decoder, or any :class:`~decoding.StepModel`.
+        input_ids: ``[B, T]`` prompts, left-padded for decoder-only models (encoder inputs for
+            encoder-decoders).
+        attention_mask: ``[B, T]``, 1 on real tokens; inferred from ``pad_token_id`` when omitted.
+        generation_config: a ``transformers.GenerationConfig``; keyword options override it.
+        logits_processor: a user's processors (``LogitsProcessorList`` or callables
+            ``(input_ids, scores) -> scores``), applied after the built-in ones and before temperature and
+            truncation, as transformers applies them.
+        consistent: keep the eos token(s) in the candidate set of every truncation sampler (top-k, top-p,
+            min-p, typical, epsilon, eta, any combination), so sampling terminates with probability 1 when
+            the model's p(eos) is bounded away from 0. eos keeps its own probability, renormalised.
+        generator: the source of all randomness; the same seed gives the same output.
+        drop_finished: take finished rows (prompts, in beam search) out of the batch and the model state
+            at once, so they cost nothing. False keeps them in the batch fed with pad, as transformers
+            does; the tokens are the same either way (kept for checks and benchmarks).
+        progress: show a tqdm bar over decoding steps.
+        **kwargs: transformers' generation options (see ``decoding.options.SUPPORTED_OPTIONS``).
+
+    Returns:
+        ``[N, P + G]`` token ids (``N = B x num_return_sequences``), or a :class:`GenerateOutput` with
+        ``return_dict_in_generate=True``.
+
+    Example:
+        >>> out = generate(model, ids, mask, do_sample=True, top_k=2, consistent=True,
+        ...                max_new_tokens=200, return_dict_in_generate=True,
+        ...                generator=torch.Generator().manual_seed(0))
+        >>> out.terminated.float().mean()   # share of rows that emitted eos
+    """
+    step_model: StepModel = as_step_model(model)
+    is_encoder_decoder = bool(getattr(step_model, "is_encoder_decoder", False)
+                              or getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    vocab_size = int(step_model.vocab_size)
+    config_source = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    pad_hint = kwargs.get("pad_token_id", getattr(config_source, "pad_token_id", None))
+    eos_hint = kwargs.get("eos_token_id", getattr(config_source, "eos_token_id", None))
+    eos_hint = [eos_hint] if isinstance(eos_hint, int) else list(eos_hint or [])
+    input_ids, attention_mask = _check_inputs(
+        input_ids, attention_mask, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
+        pad_token_id=pad_hint if isinstance(pad_hint, int) else None, eos_token_ids=eos_hint,
+    )
+    prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
+    options = resolve_options(
+        model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
+        kwargs=kwargs, generation_config=generation_config, logits_processor=logits_processor,
+        consistent=consistent, generator=generator, drop_finished=drop_finished,
+    )
+    if not options.use_cache:
+        step_model = _uncached(step_model)
+    padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
+    processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding)
+
+    logits, state, prefix = step_model.prefill(input_ids, attention_mask)
+    search = beam_search if options.is_beam_search else sample_search
+    result: SearchResult = search(step_model, logits, state, prefix, options=options, processors=processors,
+                                  progress=progress)
+    if not options.return_dict_in_generate:
+        return result.sequences
+    return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
+                          sequences_scores=result.scores)
+
+
+def _uncached(step_model: StepModel) -> StepModel:
+    """``use_cache=False``: recompute every step from the whole sequence (slow; for checking caches)."""
+    if hasattr(step_model, "uncached"):
+        return step_model.uncached()
+    raise NotImplementedError(f"use_cache=False is not supported for {type(step_model).__name__}")

@@ -1,0 +1,89 @@
+"""Run this library's decode loop from inside ``model.generate`` (transformers >= 4.56).
+
+    from decoding import custom_generate
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=200, do_sample=True, top_p=0.4,
+                         custom_generate=custom_generate, consistent=True)
+
+transformers prepares everything as usual (merged generation config, expanded inputs, the encoder run for
+encoder-decoders, its logits processors) and hands over to :func:`custom_generate`, which decodes with the
+library's loop: finished rows stop costing compute, and ``consistent=True`` keeps eos in every truncation
+sampler's candidate set. transformers' own temperature/truncation warpers are replaced by the library's
+equivalents (built from the same generation config); every other processor in its list runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation import logits_process as lp
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+from .adapters import Seq2SeqStepModel, hf_step_model
+from .generate import GenerateOutput, _user_processor
+from .options import resolve_options
+from .search import beam_search, sample_search
+
+__all__ = ["custom_generate"]
+
+_WARPERS = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
+            lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper)
+
+
+def custom_generate(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    consistent: bool = False,
+    generator: torch.Generator | None = None,
+    **model_kwargs: Any,
+) -> torch.LongTensor | GenerateOutput:
+    """The decoding method transformers calls with ``custom_generate=custom_generate``.
+
+    Args:
+        input_ids: ``[B x expand, P]`` transformers' expanded prompts (decoder start tokens for an
+            encoder-decoder), ``expand = max(num_beams, num_return_sequences)``.
+        consistent, generator: this library's options, passed to ``model.generate`` as keywords.
+    """
+    if synced_gpus or streamer is not None:
+        raise NotImplementedError("custom_generate supports neither synced_gpus nor streamer")
+    for criterion in stopping_criteria or []:
+        if not isinstance(criterion, (MaxLengthCriteria, EosTokenCriteria)):
+            raise NotImplementedError(f"stopping criterion {type(criterion).__name__} is not supported")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise NotImplementedError("custom_generate cannot continue from a pre-filled cache")
+
+    expand = max(int(generation_config.num_beams or 1), int(generation_config.num_return_sequences or 1))
+    step_model = hf_step_model(model)
+    prompts = input_ids[::expand]
+    is_encoder_decoder = bool(model.config.is_encoder_decoder)
+    options = resolve_options(
+        model, prefix_length=prompts.shape[1], vocab_size=step_model.vocab_size,
+        is_encoder_decoder=is_encoder_decoder, kwargs={}, generation_config=generation_config,
+        consistent=consistent, generator=generator,
+    )
+    processors = [_user_processor(p) for p in logits_processor or [] if not isinstance(p, _WARPERS)]
+
+    if is_encoder_decoder:
+        assert isinstance(step_model, Seq2SeqStepModel)
+        encoder = model_kwargs["encoder_outputs"]
+        mask = model_kwargs.get("attention_mask")
+        hidden = encoder.last_hidden_state[::expand]
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask[::expand]
+        logits, state, prefix = step_model.prefill_encoded(hidden, mask, prompts)
+    else:
+        mask = model_kwargs.get("attention_mask")
+        mask = torch.ones_like(prompts) if mask is None else mask[::expand]
+        logits, state, prefix = step_model.prefill(prompts, mask)
+    search = beam_search if options.is_beam_search else sample_search
+    result = search(step_model, logits, state, prefix, options=options, processors=processors)
+    if not options.return_dict_in_generate:
+        return result.sequences
+    return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
+                          sequences_scores=result.scores)

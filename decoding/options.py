@@ -1,0 +1,282 @@
+"""Resolve and validate ``generate`` options the way transformers does.
+
+Priority, as in ``model.generate``: keyword arguments > a ``generation_config`` argument >
+``model.generation_config`` > transformers' global defaults. Every option is validated here, before any
+model work; an option this library does not implement raises instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from .transforms import Truncation
+
+__all__ = ["DecodeOptions", "resolve_options", "SUPPORTED_OPTIONS"]
+
+# Options generate() implements, with transformers' names and meanings.
+SUPPORTED_OPTIONS = frozenset({
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
+    "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "num_beams", "length_penalty",
+    "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
+    "decoder_start_token_id", "repetition_penalty", "no_repeat_ngram_size", "forced_eos_token_id",
+    "forced_bos_token_id", "exponential_decay_length_penalty", "return_dict_in_generate", "use_cache",
+})
+
+# Config fields that are accepted only at their "off" value; anything else is an unsupported feature.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "remove_invalid_values": (None, False),
+    "renormalize_logits": (None, False), "top_h": (None,), "max_time": (None,), "stop_strings": (None,),
+    "watermarking_config": (None,), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
+    "constraints": (None,), "force_words_ids": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
+    "token_healing": (None, False), "prompt_lookup_num_tokens": (None,), "low_memory": (None, False),
+    "output_scores": (None, False), "output_logits": (None, False), "output_attentions": (None, False),
+    "output_hidden_states": (None, False), "cache_implementation": (None, "dynamic"),
+    "prefill_chunk_size": (None,), "use_mtp": (None, False),
+}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Everything the decode loop needs, resolved and validated. Lengths count generated tokens."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    truncation: Truncation
+    consistent: bool
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    forced_bos_token_id: int | None
+    forced_eos_token_id: tuple[int, ...]
+    exponential_decay_length_penalty: tuple[int, float] | None
+    logits_processor: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...]
+    return_dict_in_generate: bool
+    use_cache: bool
+    generator: torch.Generator | None
+    decoder_start_token_id: int | None
+    drop_finished: bool = True
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.num_beams > 1
+
+
+def _as_id_tuple(value: Any, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name}: expected an int or a list of ints, got {value!r}")
+
+
+def merged_generation_config(model: Any, generation_config: GenerationConfig | None,
+                             kwargs: dict[str, Any]) -> GenerationConfig:
+    """kwargs > generation_config > model.generation_config > transformers' defaults."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    model_config = getattr(model, "generation_config", None)
+    if isinstance(model_config, GenerationConfig):
+        config.update(**model_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    unknown = config.update(**kwargs)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unknown)}")
+    return config
+
+
+def _check_unsupported(config: GenerationConfig) -> None:
+    for name, off in _OFF_VALUES.items():
+        value = getattr(config, name, None)
+        if value not in off:
+            raise NotImplementedError(
+                f"{name}={value!r} is not supported by decoding.generate (it would be silently ignored); "
+                f"allowed: {', '.join(repr(v) for v in off)}. Use model.generate for this feature."
+            )
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    bad = (value < low or (low_open and value == low) or value > high or (high_open and value == high)
+           or (isinstance(value, float) and math.isnan(value)))
+    if bad:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def resolve_options(
+    model: Any,
+    *,
+    prefix_length: int,
+    vocab_size: int,
+    is_encoder_decoder: bool,
+    kwargs: dict[str, Any],
+    generation_config: GenerationConfig | None = None,
+    logits_processor: Sequence[Callable] | None = None,
+    consistent: bool = False,
+    generator: torch.Generator | None = None,
+    drop_finished: bool = True,
+) -> DecodeOptions:
+    """Merge, validate and normalise the options of one ``generate`` call.
+
+    Args:
+        prefix_length: length of the sequences the output rows start with (the prompt for a decoder-only
+            model, 1 for an encoder-decoder), used to turn ``max_length``/``min_length`` into token counts.
+        vocab_size: the model's vocabulary size, to check token ids.
+    """
+    unsupported = sorted(set(kwargs) - SUPPORTED_OPTIONS)
+    known_to_config = [k for k in unsupported if k in _OFF_VALUES]
+    if unsupported and len(known_to_config) != len(unsupported):
+        raise TypeError(
+            f"generate() got unsupported keyword arguments {unsupported}; supported: "
+            f"{sorted(SUPPORTED_OPTIONS | {'logits_processor', 'generation_config', 'consistent', 'generator'})}"
+        )
+    has_default_max = kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None and all(
+        getattr(c, "max_length", None) is None and getattr(c, "max_new_tokens", None) is None
+        for c in (generation_config, getattr(model, "generation_config", None)) if c is not None
+    )
+    config = merged_generation_config(model, generation_config, kwargs)
+    _check_unsupported(config)
+
+    # Lengths, as transformers computes them: max_new_tokens wins over max_length.
+    if config.max_new_tokens is not None:
+        if config.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+        max_new_tokens = int(config.max_new_tokens)
+    else:
+        max_length = int(config.max_length)
+        if has_default_max:
+            max_length = max_length + prefix_length
+            positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if positions is not None:
+                max_length = min(max_length, int(positions))
+            warnings.warn(
+                f"Using the model-agnostic default `max_length` (={max_length}) to control the generation "
+                "length. We recommend setting `max_new_tokens` to control the maximum length of the generation.",
+                UserWarning, stacklevel=3,
+            )
+        if prefix_length >= max_length:
+            raise ValueError(
+                f"max_length: the input is {prefix_length} tokens long but max_length is {max_length}; "
+                "set max_new_tokens instead"
+            )
+        max_new_tokens = max_length - prefix_length
+    if config.min_new_tokens is not None:
+        if config.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {config.min_new_tokens}")
+        min_new_tokens = int(config.min_new_tokens)
+    else:
+        if config.min_length is not None and config.min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {config.min_length}")
+        min_new_tokens = max(0, int(config.min_length or 0) - prefix_length)
+
+    eos = _as_id_tuple(config.eos_token_id, "eos_token_id")
+    for token in eos:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"eos_token_id {token} is outside the vocabulary [0, {vocab_size})")
+    if consistent and not eos:
+        raise ValueError(
+            "consistent=True needs an eos token: pass eos_token_id (int or list of ints) or set it in "
+            "model.generation_config"
+        )
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    elif isinstance(pad, (list, tuple)):
+        pad = pad[0]
+
+    do_sample = bool(config.do_sample)
+    temperature = float(config.temperature if config.temperature is not None else 1.0)
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}")
+    num_beams = int(config.num_beams)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    num_return_sequences = int(config.num_return_sequences)
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ValueError(
+            f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
+            "sampling: greedy and beam search return at most num_beams distinct sequences"
+        )
+    early_stopping = config.early_stopping
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    repetition_penalty = float(config.repetition_penalty)
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    no_repeat = int(config.no_repeat_ngram_size or 0)
+    if no_repeat < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat}")
+
+    truncation = Truncation(
+        top_k=int(config.top_k or 0),
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+        min_p=None if config.min_p is None else float(config.min_p),
+        typical_p=float(config.typical_p if config.typical_p is not None else 1.0),
+        epsilon_cutoff=float(config.epsilon_cutoff or 0.0),
+        eta_cutoff=float(config.eta_cutoff or 0.0),
+        # transformers keeps eos plus one more token in beam sampling, so a beam can always continue
+        min_tokens_to_keep=(len(eos) + 1 if eos else 2) if num_beams > 1 else 1,
+    )
+    decay = config.exponential_decay_length_penalty
+    if decay is not None:
+        if len(decay) != 2 or decay[0] < 0 or not decay[1] >= 1.0:
+            raise ValueError(
+                "exponential_decay_length_penalty must be (start_index >= 0, decay_factor >= 1.0), "
+                f"got {decay!r}"
+            )
+        decay = (int(decay[0]), float(decay[1]))
+    forced_bos = config.forced_bos_token_id
+    forced_eos = _as_id_tuple(config.forced_eos_token_id, "forced_eos_token_id")
+    for name, ids in (("forced_bos_token_id", _as_id_tuple(forced_bos, "forced_bos_token_id")),
+                      ("forced_eos_token_id", forced_eos)):
+        for token in ids:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary [0, {vocab_size})")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    return DecodeOptions(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        truncation=truncation,
+        consistent=bool(consistent),
+        num_beams=num_beams,
+        length_penalty=float(config.length_penalty),
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences,
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat,
+        forced_bos_token_id=None if forced_bos is None else int(forced_bos),
+        forced_eos_token_id=forced_eos,
+        exponential_decay_length_penalty=decay,
+        logits_processor=tuple(logits_processor or ()),
+        return_dict_in_generate=bool(config.return_dict_in_generate),
+        use_cache=bool(config.use_cache if config.use_cache is not None else True),
+        generator=generator,
+        decoder_start_token_id=config.decoder_start_token_id if is_encoder_decoder else None,
+        drop_finished=bool(drop_finished),
+    )

@@ -1,0 +1,315 @@
+"""The decode loops: one for greedy/sampling, one for beam search, both over a step model.
+
+Both loops own the per-row bookkeeping (tokens, finished flags, lengths) and drop finished rows from the
+batch and from the model state as soon as they finish, so the cost of a decode follows the tokens actually
+generated, not rows x max_new_tokens. Selection is the only thing that differs between strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .options import DecodeOptions
+from .protocol import StepModel
+from .transforms import apply_temperature, truncate
+
+__all__ = ["SearchResult", "sample_search", "beam_search", "Processor"]
+
+# A logits processor inside the loop: (history [B, T], scores [B, V], prompt_index [B]) -> scores [B, V].
+# prompt_index says which prompt each row decodes, so processors with per-prompt data (e.g. how much left
+# padding to ignore) stay correct while rows are expanded into beams and finished rows leave the batch.
+Processor = Callable[[torch.LongTensor, torch.Tensor, torch.LongTensor], torch.Tensor]
+_BIG_NEGATIVE = -1.0e9  # transformers' "impossible" score in beam search
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Decoded rows, ``N = prompts x num_return_sequences``, grouped by prompt."""
+
+    sequences: torch.LongTensor        # [N, P + G] prefix + generated tokens, pad after eos
+    lengths: torch.LongTensor          # [N] generated tokens per row, eos included
+    terminated: torch.BoolTensor       # [N] the row ended with eos (not cut by max_new_tokens)
+    scores: torch.Tensor | None        # [N] length-penalised beam scores (beam search only)
+
+
+def _apply(processors: Sequence[Processor], history: torch.LongTensor, scores: torch.Tensor,
+           prompt_index: torch.LongTensor) -> torch.Tensor:
+    for processor in processors:
+        scores = processor(history, scores, prompt_index)
+    return scores
+
+
+def _warp(scores: torch.Tensor, options: DecodeOptions, eos: torch.LongTensor | None) -> torch.Tensor:
+    """Temperature then truncation (consistent if asked): the sampling-only part of the chain."""
+    if options.temperature != 1.0:
+        scores = apply_temperature(scores, options.temperature)
+    if options.truncation.active:
+        scores = truncate(scores, options.truncation, eos_token_ids=eos, consistent=options.consistent)
+    return scores
+
+
+def _check_step(step: int, raw: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor) -> int:
+    """One host sync per step: raise on NaN logits or a row with no token left; return ``extra``."""
+    has_nan = torch.isnan(raw).any()
+    empty = ~(scores > float("-inf")).any(dim=-1).all()
+    has_nan, empty, value = torch.stack([has_nan.long(), empty.long(), extra.long()]).tolist()
+    if has_nan:
+        raise FloatingPointError(f"the model returned NaN logits at generation step {step}")
+    if empty:
+        raise RuntimeError(
+            f"no token left to choose at generation step {step}: every token of some row has score -inf "
+            "after the logits processors and truncation"
+        )
+    return value
+
+
+def _sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+    """Draw one token per row by inverting the CDF with the row's own uniform number.
+
+    Each row consumes exactly one number of a draw made for *all* rows of the batch, so which rows are
+    still in the batch never changes what any row samples.
+    """
+    probs = torch.softmax(scores.float(), dim=-1)
+    cdf = probs.double().cumsum(dim=-1)                                   # [B, V]
+    target = uniforms.double().unsqueeze(1) * cdf[:, -1:]                 # [B, 1], < total
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(scores.shape[-1] - 1)
+
+
+def _progress(total: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, disable=not enabled, desc="decoding", unit="tok", leave=False)
+
+
+def sample_search(
+    model: StepModel,
+    logits: torch.Tensor,
+    state: Any,
+    prefix: torch.LongTensor,
+    *,
+    options: DecodeOptions,
+    processors: Sequence[Processor],
+    progress: bool = False,
+) -> SearchResult:
+    """Greedy decoding or ancestral sampling (with the options' warpers), one row per output sequence.
+
+    Args:
+        logits: ``[B, V]`` the prefill logits, ``B`` = prompts.
+        state: the model state after prefill, ``B`` rows.
+        prefix: ``[B, P]`` the tokens each output row starts with.
+    """
+    expand = options.num_return_sequences
+    if expand > 1:
+        index = torch.arange(prefix.shape[0], device=prefix.device).repeat_interleave(expand)
+        state, logits, prefix = model.select(state, index), logits[index], prefix[index]
+    n_rows, prefix_len = prefix.shape
+    max_new = options.max_new_tokens
+    eos = torch.tensor(options.eos_token_ids, device=prefix.device) if options.eos_token_ids else None
+
+    out = prefix.new_full((n_rows, prefix_len + max_new), options.pad_token_id)
+    work = out.clone()                                   # [n_active, P + L] rows still running
+    work[:, :prefix_len] = prefix
+    rows = torch.arange(n_rows, device=prefix.device)   # [n_active] their output row
+    lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=prefix.device)
+    terminated = torch.zeros(n_rows, dtype=torch.bool, device=prefix.device)
+
+    n_running = n_rows
+    alive = None if options.drop_finished else torch.ones(n_rows, dtype=torch.bool, device=prefix.device)
+    bar = _progress(max_new, progress)
+    for step in range(max_new):
+        cur_len = prefix_len + step
+        scores = _apply(processors, work[:, :cur_len], logits, torch.div(rows, expand, rounding_mode="floor"))
+        if options.do_sample:
+            scores = _warp(scores, options, eos)
+            uniforms = torch.rand(n_rows, generator=options.generator, device=prefix.device)
+            tokens = _sample_rows(scores, uniforms[rows])
+        else:
+            tokens = scores.argmax(dim=-1)
+        if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
+            tokens = torch.where(alive, tokens, options.pad_token_id)
+        work[:, cur_len] = tokens
+        done = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        if alive is not None:
+            done = done & alive
+        n_done = _check_step(step, logits, scores, done.sum())
+        bar.update(1)
+        if n_done:
+            finished = done.nonzero().squeeze(1)
+            out[rows[finished]] = work[finished]
+            lengths[rows[finished]] = step + 1
+            terminated[rows[finished]] = True
+            n_running -= n_done
+            if n_running == 0:
+                break
+            if alive is not None:
+                alive = alive & ~done
+            else:
+                keep = (~done).nonzero().squeeze(1)
+                rows, work, tokens = rows[keep], work[keep], tokens[keep]
+                state = model.select(state, keep)
+        if step + 1 < max_new:
+            logits, state = model.step(tokens, state)
+    bar.close()
+    if n_running:  # rows cut by max_new_tokens
+        if alive is not None:
+            rows, work = rows[alive], work[alive]
+        out[rows] = work
+    width = prefix_len + int(lengths.max()) if n_rows else prefix_len
+    return SearchResult(sequences=out[:, :width], lengths=lengths, terminated=terminated, scores=None)
+
+
+@dataclass
+class _Beams:
+    """Per-prompt beam search tensors; every field has the active prompts as its first dimension."""
+
+    prompts: torch.LongTensor    # [A] index of the prompt in the batch
+    run_seq: torch.LongTensor    # [A, nb, P + L] running hypotheses
+    run_score: torch.Tensor      # [A, nb] their summed log-probabilities
+    fin_seq: torch.LongTensor    # [A, nb, P + L] finished hypotheses, best first
+    fin_score: torch.Tensor      # [A, nb] their length-penalised scores
+    fin_flag: torch.BoolTensor   # [A, nb] slot holds a real finished hypothesis
+    fin_len: torch.LongTensor    # [A, nb] generated length of each finished hypothesis
+    open: torch.BoolTensor       # [A, 1] the best finished list may still improve
+
+    def take(self, keep: torch.LongTensor) -> "_Beams":
+        return _Beams(*(getattr(self, name)[keep] for name in self.__dataclass_fields__))
+
+
+def _gather(tensor: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
+    """``tensor[a, index[a, k], ...]`` for ``tensor [A, n, ...]`` and ``index [A, k]``."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+def beam_search(
+    model: StepModel,
+    logits: torch.Tensor,
+    state: Any,
+    prefix: torch.LongTensor,
+    *,
+    options: DecodeOptions,
+    processors: Sequence[Processor],
+    progress: bool = False,
+) -> SearchResult:
+    """Beam search (or beam sampling with ``do_sample``) with transformers' scoring and stopping rules.
+
+    Hypotheses are scored by ``sum log p / generated_length ** length_penalty`` when they finish;
+    ``early_stopping`` True stops a prompt once ``num_beams`` hypotheses finished, False stops it when the
+    best running beam at its current length cannot beat the worst finished one, "never" uses the maximum
+    length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch.
+    """
+    nb, max_new = options.num_beams, options.max_new_tokens
+    n_prompts, prefix_len = prefix.shape
+    device = prefix.device
+    eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
+    keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
+    top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
+
+    expand = torch.arange(n_prompts, device=device).repeat_interleave(nb)
+    state, logits = model.select(state, expand), logits[expand]
+    run_seq = prefix.new_full((n_prompts, nb, prefix_len + max_new), options.pad_token_id)
+    run_seq[:, :, :prefix_len] = prefix[:, None, :]
+    run_score = torch.zeros(n_prompts, nb, device=device)
+    run_score[:, 1:] = _BIG_NEGATIVE
+    beams = _Beams(
+        prompts=torch.arange(n_prompts, device=device), run_seq=run_seq, run_score=run_score,
+        fin_seq=run_seq.clone(), fin_score=torch.full((n_prompts, nb), _BIG_NEGATIVE, device=device),
+        fin_flag=torch.zeros(n_prompts, nb, dtype=torch.bool, device=device),
+        fin_len=torch.zeros(n_prompts, nb, dtype=torch.long, device=device),
+        open=torch.ones(n_prompts, 1, dtype=torch.bool, device=device),
+    )
+    results: list[tuple[torch.LongTensor, _Beams]] = []
+    bar = _progress(max_new, progress)
+    for step in range(max_new):
+        cur_len, n_active = prefix_len + step, beams.prompts.numel()
+        history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]
+        log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1),
+                           beams.prompts.repeat_interleave(nb))
+        if options.do_sample:
+            log_probs = _warp(log_probs, options, eos)
+        vocab = log_probs.shape[-1]
+        accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
+        if options.do_sample:
+            # Gumbel top-k = sampling keep_k continuations without replacement; noise drawn for every prompt.
+            noise = torch.rand(n_prompts, nb * vocab, generator=options.generator, device=device)
+            keys = accumulated - torch.log(-torch.log(noise[beams.prompts].clamp_min(1e-20)))
+            top_index = keys.topk(keep_k, dim=-1).indices
+            top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
+            top_index = top_index.gather(1, order)
+        else:
+            top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
+        parent, token = top_index // vocab, top_index % vocab
+        cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
+        cand_seq[:, :, cur_len] = token
+        hits = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+        if step + 1 >= max_new:
+            hits = torch.ones_like(hits)
+
+        # Running beams for the next step: the best nb candidates that did not finish.
+        running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
+        next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
+        beams.run_seq = _gather(cand_seq, next_index)
+        beams.run_score = _gather(running_lp, next_index)
+        run_parent = _gather(parent, next_index)
+
+        # Finished list: candidates among the top nb that just finished, if they beat the current ones.
+        just = hits & top_nb[None, :]
+        fin_cand = top_lp / ((step + 1) ** options.length_penalty)
+        full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
+        fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
+        fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
+        fin_cand = fin_cand + (~just) * _BIG_NEGATIVE
+        merged_score = torch.cat([beams.fin_score, fin_cand], dim=1)
+        best = merged_score.topk(nb, dim=-1).indices
+        beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
+        beams.fin_score = _gather(merged_score, best)
+        beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
+        beams.fin_len = _gather(torch.cat([beams.fin_len, torch.full_like(token, step + 1)], dim=1), best)
+
+        # Can the best running beam still beat the worst finished one?
+        never = options.early_stopping == "never" and options.length_penalty > 0.0
+        best_len = max_new if never else step + 1
+        best_running = beams.run_score[:, :1] / (best_len ** options.length_penalty)
+        worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values,
+                                     _BIG_NEGATIVE)
+        beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        done = ~beams.open.squeeze(1) | hits.all(dim=-1)
+        if options.early_stopping is True:
+            done = done | beams.fin_flag.all(dim=-1)
+        n_done = _check_step(step, logits, log_probs, done.sum())
+        bar.update(1)
+
+        rows = (run_parent + torch.arange(n_active, device=device)[:, None] * nb).view(-1)
+        if n_done == n_active:
+            results.append((beams.prompts, beams))
+            break
+        if n_done and options.drop_finished:
+            results.append((beams.prompts[done], beams.take(done.nonzero().squeeze(1))))
+            keep = (~done).nonzero().squeeze(1)
+            beams = beams.take(keep)
+            rows = rows.view(n_active, nb)[keep].view(-1)
+        state = model.select(state, rows)
+        logits, state = model.step(beams.run_seq[:, :, cur_len].reshape(-1), state)
+    bar.close()
+    return _collect_beams(results, n_prompts, options, eos, prefix_len)
+
+
+def _collect_beams(results, n_prompts: int, options: DecodeOptions, eos, prefix_len: int) -> SearchResult:
+    """Assemble the best ``num_return_sequences`` finished hypotheses of every prompt, in prompt order."""
+    r = options.num_return_sequences
+    prompts = torch.cat([p for p, _ in results])
+    order = torch.argsort(prompts)
+    seq = torch.cat([b.fin_seq[:, :r] for _, b in results])[order].flatten(0, 1)     # [N, P + L]
+    score = torch.cat([b.fin_score[:, :r] for _, b in results])[order].flatten()
+    length = torch.cat([b.fin_len[:, :r] for _, b in results])[order].flatten()
+    assert prompts.numel() == n_prompts, "every prompt must finish exactly once"
+    last = seq.gather(1, (prefix_len + length - 1).clamp_min(0)[:, None]).squeeze(1)
+    terminated = torch.isin(last, eos) if eos is not None else torch.zeros_like(last, dtype=torch.bool)
+    width = prefix_len + int(length.max())
+    sequences = seq[:, :width].clone()
+    beyond = torch.arange(width, device=seq.device)[None, :] >= (prefix_len + length)[:, None]
+    sequences[beyond] = options.pad_token_id
+    return SearchResult(sequences=sequences, lengths=length, terminated=terminated, scores=score)
