@@ -57,7 +57,9 @@ def _as_rows(sequences: TokenRows, *, name: str = "sequences") -> list[list[int]
             raise TypeError(f"{name} must hold integer token ids, got dtype {sequences.dtype}")
         rows = sequences.tolist()
     elif isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
-        raise TypeError(f"{name} must be a LongTensor [N, T] or a list of token-id lists, got {type(sequences)}")
+        raise TypeError(
+            f"{name} must be a LongTensor [N, T] or a list of token-id lists, got {type(sequences)}"
+        )
     else:
         rows = [_as_tokens(row, name=f"{name}[{i}]") for i, row in enumerate(sequences)]
     if not rows:
@@ -398,7 +400,7 @@ def _sentence_metric() -> BLEU:
 
 
 def sentence_bleu(hypothesis: str, reference: str) -> float:
-    """Sentence BLEU (0..100) with ``effective_order=True``, for per-sequence costs such as ``1 - BLEU/100``."""
+    """Sentence BLEU (0..100) with ``effective_order=True``; a per-sequence cost is ``1 - BLEU / 100``."""
     if not isinstance(hypothesis, str) or not isinstance(reference, str):
         raise TypeError("hypothesis and reference must be detokenised strings")
     return float(_sentence_metric().sentence_score(hypothesis, [reference]).score)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -79,18 +80,19 @@ def test_pad_equal_to_eos_and_several_eos_ids():
 
 
 def test_terminated_flags_are_cross_checked():
-    flags = torch.tensor([True, True, False, True])
-    assert nontermination_ratio(DECODE, eos_token_id=EOS, max_new_tokens=4, pad_token_id=PAD, terminated=flags) == 0.25
+    r_4 = functools.partial(nontermination_ratio, DECODE, eos_token_id=EOS, max_new_tokens=4, pad_token_id=PAD)
+    assert r_4(terminated=torch.tensor([True, True, False, True])) == 0.25
     with pytest.raises(ValueError, match=r"terminated\[2\]=True disagrees"):
-        nontermination_ratio(DECODE, eos_token_id=EOS, max_new_tokens=4, pad_token_id=PAD, terminated=[1, 1, 1, 1])
+        r_4(terminated=[1, 1, 1, 1])
     with pytest.raises(ValueError, match="3 flags but sequences has 4 rows"):
-        nontermination_ratio(DECODE, eos_token_id=EOS, max_new_tokens=4, pad_token_id=PAD, terminated=[1, 1, 0])
+        r_4(terminated=[1, 1, 0])
 
 
 def test_lengths_and_continuations():
     assert generated_lengths(DECODE, eos_token_id=EOS, pad_token_id=PAD) == [2, 4, 4, 1]
-    assert continuation_tokens(DECODE, eos_token_id=EOS, pad_token_id=PAD) == [[5], [5, 6, 7], [5, 5, 5, 5], []]
-    assert continuation_tokens(DECODE, eos_token_id=EOS, pad_token_id=PAD, keep_eos=True)[:2] == [[5, 2], [5, 6, 7, 2]]
+    continuations = functools.partial(continuation_tokens, DECODE, eos_token_id=EOS, pad_token_id=PAD)
+    assert continuations() == [[5], [5, 6, 7], [5, 5, 5, 5], []]
+    assert continuations(keep_eos=True) == [[5, 2], [5, 6, 7, 2], [5, 5, 5, 5], [2]]
     # without a pad id, rows without eos are taken whole
     assert generated_lengths([[5, 0, 0]], eos_token_id=EOS) == [3]
     assert generated_lengths([[5, 0, 0]], eos_token_id=EOS, pad_token_id=PAD) == [1]
@@ -98,8 +100,9 @@ def test_lengths_and_continuations():
 
 def test_truncated_share_with_per_row_caps():
     rows = [[5, 6, 2], [5, 6, 7], [5, 2, 0]]
-    assert truncated_share(rows, eos_token_id=EOS, max_new_tokens=[3, 3, 2], pad_token_id=PAD) == pytest.approx(1 / 3)
-    assert truncated_share(rows, eos_token_id=EOS, max_new_tokens=[2, 3, 2], pad_token_id=PAD) == pytest.approx(2 / 3)
+    share = functools.partial(truncated_share, rows, eos_token_id=EOS, pad_token_id=PAD)
+    assert share(max_new_tokens=[3, 3, 2]) == pytest.approx(1 / 3)
+    assert share(max_new_tokens=[2, 3, 2]) == pytest.approx(2 / 3)  # row 0: eos is the 3rd token, cap 2
     with pytest.raises(ValueError, match="2 caps but sequences has 3 rows"):
         truncated_share(rows, eos_token_id=EOS, max_new_tokens=[3, 3])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
@@ -118,21 +121,21 @@ def test_length_ratio():
 
 
 @pytest.mark.parametrize(
-    "call, error, match",
+    "sequences, options, error, match",
     [
-        (lambda: nontermination_ratio([], eos_token_id=EOS, max_new_tokens=4), ValueError, "empty"),
-        (lambda: nontermination_ratio(torch.zeros(0, 4, dtype=torch.long), eos_token_id=EOS, max_new_tokens=4), ValueError, "empty"),
-        (lambda: nontermination_ratio(DECODE, eos_token_id=EOS, max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
-        (lambda: nontermination_ratio(DECODE.float(), eos_token_id=EOS, max_new_tokens=4), TypeError, "integer token ids"),
-        (lambda: nontermination_ratio(DECODE[0], eos_token_id=EOS, max_new_tokens=4), ValueError, "2-D tensor"),
-        (lambda: nontermination_ratio(DECODE, eos_token_id=[], max_new_tokens=4), ValueError, "eos_token_id"),
-        (lambda: nontermination_ratio([[1.5]], eos_token_id=EOS, max_new_tokens=1), TypeError, "int token ids"),
-        (lambda: generated_lengths("abc", eos_token_id=EOS), TypeError, "sequences"),
+        ([], {}, ValueError, "empty"),
+        (torch.zeros(0, 4, dtype=torch.long), {}, ValueError, "empty"),
+        (DECODE, {"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+        (DECODE.float(), {}, TypeError, "integer token ids"),
+        (DECODE[0], {}, ValueError, "2-D tensor"),
+        (DECODE, {"eos_token_id": []}, ValueError, "eos_token_id"),
+        ([[1.5, 2]], {}, TypeError, "int token ids"),
+        ("abc", {}, TypeError, "sequences must be"),
     ],
 )
-def test_bad_input_is_rejected(call, error, match):
+def test_bad_input_is_rejected(sequences, options, error, match):
     with pytest.raises(error, match=match):
-        call()
+        nontermination_ratio(sequences, **{"eos_token_id": EOS, "max_new_tokens": 4, **options})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,7 +206,7 @@ def test_perplexity_from_log_probs_skips_masked_positions():
 # BLEU
 
 HYPS = ["The cat sat on the mat.", "A man is riding a bike down the street.", "Two dogs play."]
-REFS = ["The cat sat on a mat.", "A man rides a bicycle down the street.", "Two dogs are playing in the snow."]
+REFS = ["The cat sat on a mat.", "A man rides a bicycle down the street.", "Two dogs play in the snow."]
 
 
 def test_corpus_bleu_matches_sacrebleu():
