@@ -1,0 +1,226 @@
+"""The training loop shared by MLE, MGS, MRT and PG: batches, validation, early stopping, checkpoints.
+
+:func:`train` runs an update step (:mod:`training.steps`, :class:`training.mgs.MGSStep`) over shuffled
+epochs until a budget is spent (updates, epochs or seconds of update time), validates every so often
+(higher scores are better), keeps the best weights, stops early after ``patience`` validations without
+improvement, and writes an atomic checkpoint that a later call resumes from exactly: same batches, same
+random streams, same optimiser and step state.
+
+Files in ``checkpoint_dir``: ``state.pt`` (everything needed to resume) and ``best.pt`` (the best
+weights so far, by validation score).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save, load_checkpoint, model_signature
+from .data import EncodedParallel, epoch_batches, make_batch
+from .steps import UpdateStep
+
+__all__ = ["LoopConfig", "TrainResult", "train", "load_best"]
+
+Validate = Callable[[torch.nn.Module], float]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Budget and bookkeeping of :func:`train` (at least one of the three budgets must be set).
+
+    Attributes:
+        batch_size: sentence pairs per update.
+        max_updates / max_epochs / max_seconds: stop when any is reached; ``max_seconds`` counts update
+            time only (validation and checkpointing excluded), so methods can get equal time.
+        validate_every: validate every this many updates ...
+        validate_every_seconds: ... or once this much update time has passed since the last validation.
+        validate_at_start: score the starting weights first (time 0 of a learning curve).
+        patience: stop after this many validations without improvement (None: never).
+        checkpoint_every: write ``state.pt`` every this many updates (and after every validation).
+        seed: batch order and the step's random generator.
+        progress: show a tqdm bar.
+    """
+
+    batch_size: int = 64
+    max_updates: int | None = None
+    max_epochs: int | None = None
+    max_seconds: float | None = None
+    validate_every: int | None = None
+    validate_every_seconds: float | None = None
+    validate_at_start: bool = False
+    patience: int | None = None
+    checkpoint_every: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_updates is None and self.max_epochs is None and self.max_seconds is None:
+            raise ValueError("set at least one of max_updates, max_epochs, max_seconds")
+        if self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"batch_size and checkpoint_every must be >= 1, got {self.batch_size}, "
+                             f"{self.checkpoint_every}")
+
+
+@dataclass
+class TrainResult:
+    """Where training ended. ``history`` has one dict per validation (update, epoch, train_seconds,
+    score, and the mean step logs since the previous validation)."""
+
+    updates: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    train_seconds: float = 0.0
+    best_score: float | None = None
+    best_update: int | None = None
+    bad_validations: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step, generator, result: TrainResult) -> None:
+    atomic_save({
+        "signature": model_signature(model),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": step.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.random.get_rng_state(),
+        "result": result.__dict__,
+    }, path)
+
+
+def _restore_state(path: Path, model, optimizer, scheduler, step, generator) -> TrainResult:
+    state = load_checkpoint(path, model)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    step.load_state_dict(state["step"])
+    generator.set_state(state["generator"])
+    torch.random.set_rng_state(state["torch_rng"])
+    return TrainResult(**state["result"])
+
+
+def load_best(model: torch.nn.Module, checkpoint_dir: str | Path) -> bool:
+    """Load ``best.pt`` into ``model`` if there is one; return whether it was loaded."""
+    path = Path(checkpoint_dir) / "best.pt"
+    if not path.is_file():
+        return False
+    model.load_state_dict(load_checkpoint(path, model)["model"])
+    return True
+
+
+def _budget_spent(config: LoopConfig, result: TrainResult) -> str | None:
+    if config.max_updates is not None and result.updates >= config.max_updates:
+        return "max_updates"
+    if config.max_epochs is not None and result.epoch >= config.max_epochs:
+        return "max_epochs"
+    if config.max_seconds is not None and result.train_seconds >= config.max_seconds:
+        return "max_seconds"
+    return None
+
+
+class _Validator:
+    def __init__(self, model, validate: Validate | None, config: LoopConfig, checkpoint_dir: Path | None):
+        self.model, self.validate, self.config, self.dir = model, validate, config, checkpoint_dir
+        self.logs: list[dict[str, float]] = []
+        self.last_seconds = 0.0
+
+    def due(self, result: TrainResult) -> bool:
+        if self.validate is None:
+            return False
+        every, seconds = self.config.validate_every, self.config.validate_every_seconds
+        return bool((every and result.updates % every == 0)
+                    or (seconds and result.train_seconds - self.last_seconds >= seconds))
+
+    def run(self, result: TrainResult) -> None:
+        score = float(self.validate(self.model))
+        self.last_seconds = result.train_seconds
+        keys = sorted({k for logs in self.logs for k in logs})
+        means = {k: sum(l[k] for l in self.logs if k in l) / sum(k in l for l in self.logs) for k in keys}
+        self.logs = []
+        result.history.append({"update": result.updates, "epoch": result.epoch,
+                               "train_seconds": result.train_seconds, "score": score, **means})
+        if result.best_score is None or score > result.best_score:
+            result.best_score, result.best_update, result.bad_validations = score, result.updates, 0
+            if self.dir is not None:
+                atomic_save({"signature": model_signature(self.model), "model": self.model.state_dict(),
+                             "update": result.updates, "score": score}, self.dir / "best.pt")
+        else:
+            result.bad_validations += 1
+
+
+def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optimizer: torch.optim.Optimizer,
+          *, config: LoopConfig, scheduler: Any | None = None, validate: Validate | None = None,
+          checkpoint_dir: str | Path | None = None) -> TrainResult:
+    """Train ``model`` with ``step`` on ``data`` until a budget in ``config`` is spent.
+
+    If ``checkpoint_dir/state.pt`` exists the run resumes from it (its architecture is checked first);
+    a run that already finished returns its stored result at once. After a run stopped by patience the
+    caller usually loads the best weights with :func:`load_best`.
+    """
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state_path = directory / "state.pt" if directory is not None else None
+    generator = torch.Generator().manual_seed(config.seed)
+    result = TrainResult()
+    if state_path is not None and state_path.is_file():
+        result = _restore_state(state_path, model, optimizer, scheduler, step, generator)
+    if result.stop_reason is not None:
+        return result
+    validator = _Validator(model, validate, config, directory)
+    validator.last_seconds = result.train_seconds
+    save = (lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result)
+            if state_path is not None else None)
+    if config.validate_at_start and validate is not None and result.updates == 0 and not result.history:
+        validator.run(result)
+    bar = tqdm(total=config.max_updates, initial=result.updates, disable=not config.progress,
+               desc=type(step).__name__, dynamic_ncols=True)
+    try:
+        result.stop_reason = _run_epochs(model, step, data, optimizer, scheduler, config, generator, result,
+                                         validator, save, bar)
+    finally:
+        bar.close()
+    if validate is not None and (not result.history or result.history[-1]["update"] != result.updates):
+        validator.run(result)
+    if save is not None:
+        save()
+    return result
+
+
+def _run_epochs(model, step, data, optimizer, scheduler, config, generator, result, validator, save,
+                bar) -> str:
+    while True:
+        reason = _budget_spent(config, result)
+        if reason is not None:
+            return reason
+        batches = epoch_batches(data, batch_size=config.batch_size, epoch=result.epoch, seed=config.seed)
+        while result.batch_index < len(batches):
+            batch = make_batch(data, batches[result.batch_index])
+            started = time.perf_counter()
+            logs = step(model, batch, optimizer, generator=generator)
+            if scheduler is not None:
+                scheduler.step()
+            result.train_seconds += time.perf_counter() - started
+            result.updates += 1
+            result.batch_index += 1
+            validator.logs.append(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
+            validated = validator.due(result)
+            if validated:
+                validator.run(result)
+                if config.patience is not None and result.bad_validations >= config.patience:
+                    return "patience"
+            if save is not None and (validated or result.updates % config.checkpoint_every == 0):
+                save()
+            reason = _budget_spent(config, result)
+            if reason is not None:
+                return reason
+        result.epoch += 1
+        result.batch_index = 0

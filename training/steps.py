@@ -1,0 +1,126 @@
+"""Update steps: MLE, minimum risk training (MRT) and policy gradient (PG).
+
+Every step is a callable ``step(model, batch, optimizer, *, generator) -> logs`` that performs one
+optimiser update and returns scalar logs; :class:`training.mgs.MGSStep` is the fourth. Steps with state
+(PG's baseline) expose ``state_dict`` / ``load_state_dict`` so checkpoints resume them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .data import Batch
+from .losses import MovingAverageBaseline, mrt_loss, pg_loss
+from .task import Seq2SeqTask, SequenceTask
+
+__all__ = ["UpdateStep", "MLEStep", "MRTStep", "PGStep"]
+
+
+class UpdateStep(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, *,
+                 generator: torch.Generator | None = None) -> dict[str, float]:
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+def _backward_and_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       clip: float) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class MLEStep:
+    """One MLE update: token cross-entropy (with the task's label smoothing), clip, step."""
+
+    def __init__(self, task: SequenceTask, *, clip: float = 1.0) -> None:
+        self.task = task
+        self.clip = clip
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, *,
+                 generator: torch.Generator | None = None) -> dict[str, float]:
+        del generator
+        model.train()
+        loss = self.task.mle_loss(model, batch)
+        norm = _backward_and_step(model, loss, optimizer, self.clip)
+        return {"mle_loss": float(loss.detach()), "grad_norm": norm}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class _SampledStep:
+    """Shared part of MRT and PG: with probability ``mle_probability`` an MLE step, else K samples."""
+
+    def __init__(self, task: Seq2SeqTask, *, num_samples: int = 4, mle_probability: float = 0.1,
+                 clip: float = 1.0) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 <= mle_probability <= 1.0:
+            raise ValueError(f"mle_probability must be in [0, 1], got {mle_probability}")
+        self.task = task
+        self.num_samples = num_samples
+        self.mle_probability = mle_probability
+        self.clip = clip
+        self._mle = MLEStep(task, clip=clip)
+
+    def __call__(self, model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, *,
+                 generator: torch.Generator | None = None) -> dict[str, float]:
+        if float(torch.rand((), generator=generator)) < self.mle_probability:
+            return {**self._mle(model, batch, optimizer), "mle_substep": 1.0}
+        decoded, costs = self.task.sample(model, batch, num_samples=self.num_samples, generator=generator)
+        costs = costs.view(len(batch), self.num_samples)                    # [B, K]
+        model.train()
+        scores = self.task.hypothesis_scores(model, batch, decoded, num_samples=self.num_samples)
+        loss = self.loss(scores, costs)
+        norm = _backward_and_step(model, loss, optimizer, self.clip)
+        return {"loss": float(loss.detach()), "cost_samples": float(costs.mean()), "grad_norm": norm,
+                "mle_substep": 0.0}
+
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MRTStep(_SampledStep):
+    """Minimum risk training: ``Σ_k cost_k Q_k`` over 4 samples per source (METHODS.md section 4)."""
+
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        return mrt_loss(scores, costs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class PGStep(_SampledStep):
+    """REINFORCE with reward ``-cost / batch max`` and a moving-average baseline."""
+
+    def __init__(self, task: Seq2SeqTask, *, num_samples: int = 4, mle_probability: float = 0.1,
+                 clip: float = 1.0, baseline_momentum: float = 0.9) -> None:
+        super().__init__(task, num_samples=num_samples, mle_probability=mle_probability, clip=clip)
+        self.baseline = MovingAverageBaseline(baseline_momentum)
+
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        rewards = -costs / costs.max().clamp(min=1e-12)
+        return pg_loss(scores, self.baseline.advantages(rewards))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.baseline.load_state_dict(state["baseline"])
