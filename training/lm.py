@@ -1,0 +1,320 @@
+"""Maximum-likelihood training of language models on token sequences.
+
+Works for the library's :class:`~decoding.models.RecurrentLM` (any head), transformers causal LMs and
+encoder-decoders, and their self-terminating wrappers: anything called as
+``model(input_ids=..., attention_mask=..., labels=...)`` that returns ``.loss``, the mean NLL of the
+labelled tokens (transformers' convention: -100 marks tokens not predicted - context and padding).
+
+A batch is a mapping with ``input_ids [B, T]``, ``attention_mask [B, T]`` and ``labels [B, T]``
+(:func:`collate_lm_batch` builds one from token lists). Perplexity is ``exp`` of the mean NLL over all
+labelled tokens of all batches.
+
+Example::
+
+    train = [collate_lm_batch(chunk, pad_token_id=pad) for chunk in chunks(train_sequences, 32)]
+    history = train_lm(model, train, valid, epochs=40, lr=1e-3, patience=3,
+                       checkpoint_dir="~/.cache/consistent-decoding/lstm-nmst")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = [
+    "EpochRecord",
+    "TrainingHistory",
+    "collate_lm_batch",
+    "evaluate_perplexity",
+    "train_lm",
+]
+
+Batch = Mapping[str, torch.Tensor]
+LAST_CHECKPOINT = "last.pt"
+BEST_WEIGHTS = "best.pt"
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch: mean training loss (per token), validation perplexity, learning rate used."""
+
+    epoch: int
+    train_loss: float
+    valid_perplexity: float
+    learning_rate: float
+    improved: bool
+
+
+@dataclass
+class TrainingHistory:
+    """What :func:`train_lm` did. ``best_*`` refer to the weights left in the model at the end."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_valid_perplexity: float = math.inf
+    stopped_early: bool = False
+
+
+def collate_lm_batch(
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    context_lengths: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences into a training batch.
+
+    Args:
+        sequences: ``B`` token lists (e.g. one line each, ending in eos).
+        pad_token_id: token written into the padding.
+        context_lengths: per sequence, how many leading tokens are context (labels -100: not
+            predicted, and ``p(eos) = 0`` for a self-terminating model). None: no context.
+
+    Returns:
+        ``{"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T]}``, labels -100 on padding
+        and context.
+    """
+    if len(sequences) == 0 or any(len(sequence) == 0 for sequence in sequences):
+        raise ValueError("sequences must be a non-empty list of non-empty token lists")
+    if context_lengths is not None and len(context_lengths) != len(sequences):
+        raise ValueError(f"context_lengths must have one entry per sequence ({len(sequences)})")
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if context_lengths is not None:
+        positions = torch.arange(width).unsqueeze(0)  # [1, T]
+        labels = labels.masked_fill(positions < torch.as_tensor(list(context_lengths)).unsqueeze(1), -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _predicted_tokens(labels: torch.Tensor, *, encoder_decoder: bool) -> int:
+    """How many labels the model's mean loss averages over (causal LMs shift labels by one)."""
+    predicted = labels if encoder_decoder else labels[:, 1:]
+    return int((predicted != -100).sum())
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean NLL of the labelled tokens of ``batch``, as the model computes it."""
+    output = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        labels=batch["labels"].to(device),
+    )
+    return output.loss
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: torch.nn.Module, batches: Sequence[Batch], *, progress: bool = False) -> float:
+    """``exp(mean NLL)`` over every labelled token of ``batches``, in eval mode (restores train mode)."""
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    encoder_decoder = _is_encoder_decoder(model)
+    total_nll, total_tokens = 0.0, 0
+    for batch in tqdm(batches, desc="valid", disable=not progress, leave=False):
+        count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
+        if count == 0:
+            continue
+        total_nll += float(_loss(model, batch, device)) * count
+        total_tokens += count
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("batches hold no labelled token to evaluate")
+    return math.exp(total_nll / total_tokens)
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _check_options(epochs: int, lr: float, clip: float | None, patience: int, lr_decay: float) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if clip is not None and not clip > 0.0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+
+
+@dataclass
+class _Progress:
+    """Everything a resume needs besides weights and optimizer: the checkpoint's training state."""
+
+    epoch: int = 0  # epochs finished
+    history: TrainingHistory = field(default_factory=TrainingHistory)
+    bad_epochs: int = 0
+    learning_rate: float = 0.0
+    finished: bool = False
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: _Progress) -> None:
+    history = state.history
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "bad_epochs": state.bad_epochs,
+        "learning_rate": state.learning_rate,
+        "finished": state.finished,
+        "history": {
+            "epochs": [asdict(record) for record in history.epochs],
+            "best_epoch": history.best_epoch,
+            "best_valid_perplexity": history.best_valid_perplexity,
+            "stopped_early": history.stopped_early,
+        },
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    _atomic_save(payload, path)
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Progress:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    saved = payload["history"]
+    history = TrainingHistory(
+        epochs=[EpochRecord(**record) for record in saved["epochs"]],
+        best_epoch=saved["best_epoch"],
+        best_valid_perplexity=saved["best_valid_perplexity"],
+        stopped_early=saved["stopped_early"],
+    )
+    return _Progress(payload["epoch"], history, payload["bad_epochs"], payload["learning_rate"], payload["finished"])
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Batch],
+    *,
+    order: torch.Tensor,
+    clip: float | None,
+    description: str,
+    progress: bool,
+) -> float:
+    """One pass over ``batches`` in ``order``; returns the mean training NLL per labelled token."""
+    model.train()
+    device = _model_device(model)
+    encoder_decoder = _is_encoder_decoder(model)
+    total_nll, total_tokens = 0.0, 0
+    bar = tqdm(order.tolist(), desc=description, disable=not progress, leave=False)
+    for index in bar:
+        batch = batches[index]
+        count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
+        if count == 0:
+            continue
+        loss = _loss(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        total_nll += float(loss.detach()) * count
+        total_tokens += count
+        bar.set_postfix(loss=f"{total_nll / total_tokens:.3f}")
+    return total_nll / max(total_tokens, 1)
+
+
+def train_lm(
+    model: torch.nn.Module,
+    train_batches: Sequence[Batch],
+    valid_batches: Sequence[Batch],
+    *,
+    epochs: int,
+    lr: float,
+    clip: float | None = 1.0,
+    patience: int = 3,
+    lr_decay: float = 1.0,
+    weight_decay: float = 0.0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainingHistory:
+    """Train ``model`` by MLE with AdamW, gradient-norm clipping, validation perplexity after every
+    epoch and early stopping; leave the best weights in ``model``.
+
+    Args:
+        model: on the device to train on; see the module docstring for what it must return.
+        train_batches: batches (see :func:`collate_lm_batch`), visited in a fresh seeded order each epoch.
+        valid_batches: batches for the validation perplexity.
+        epochs: the most epochs to run (counting those of a resumed run).
+        lr: AdamW learning rate.
+        clip: max global gradient norm (None: no clipping).
+        patience: stop after this many epochs in a row without a better validation perplexity.
+        lr_decay: multiply the learning rate by this after an epoch without improvement (1: never).
+        weight_decay: AdamW weight decay.
+        checkpoint_dir: if given, after each epoch ``last.pt`` (weights, optimizer, history, RNG) and,
+            on improvement, ``best.pt`` (weights) are written atomically; a later call with the same
+            directory resumes from ``last.pt``. Keep it outside the repository.
+        seed: seeds the batch order of each epoch.
+        progress: show tqdm bars.
+
+    Returns:
+        :class:`TrainingHistory` of every epoch run so far (including resumed ones).
+    """
+    _check_options(epochs, lr, clip, patience, lr_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
+    state = _Progress(learning_rate=lr)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / LAST_CHECKPOINT).is_file():
+            state = _load_checkpoint(directory / LAST_CHECKPOINT, model, optimizer)
+    best_weights = None
+    while not state.finished and state.epoch < epochs:
+        for group in optimizer.param_groups:
+            group["lr"] = state.learning_rate
+        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(seed + state.epoch))
+        description = f"epoch {state.epoch + 1}/{epochs}"
+        train_loss = _train_epoch(
+            model, optimizer, train_batches, order=order, clip=clip, description=description, progress=progress
+        )
+        perplexity = evaluate_perplexity(model, valid_batches, progress=progress)
+        improved = perplexity < state.history.best_valid_perplexity
+        state.epoch += 1
+        state.history.epochs.append(EpochRecord(state.epoch, train_loss, perplexity, state.learning_rate, improved))
+        if improved:
+            state.history.best_epoch, state.history.best_valid_perplexity = state.epoch, perplexity
+            state.bad_epochs = 0
+            best_weights = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+            if directory is not None:
+                _atomic_save(best_weights, directory / BEST_WEIGHTS)
+        else:
+            state.bad_epochs += 1
+            state.learning_rate *= lr_decay
+            if state.bad_epochs >= patience:
+                state.history.stopped_early = state.finished = True
+        if directory is not None:
+            _save_checkpoint(directory / LAST_CHECKPOINT, model, optimizer, state)
+    if best_weights is None and directory is not None and (directory / BEST_WEIGHTS).is_file():
+        best_weights = torch.load(directory / BEST_WEIGHTS, map_location="cpu", weights_only=True)
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    return state.history
