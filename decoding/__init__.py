@@ -1,5 +1,26 @@
-"""Consistent decoding: text generation that provably terminates."""
+"""Consistent decoding: text generation that provably terminates.
 
+- :func:`generate` — a drop-in for ``model.generate`` (same options and output layout) with
+  ``consistent=True`` for truncation samplers that keep eos, an explicit ``generator``, and finished rows
+  that stop costing compute.
+- :func:`make_self_terminating` — ST / NMST output layers that make even greedy and beam search stop
+  within :func:`termination_bound` tokens.
+- :mod:`decoding.metrics` — non-termination ratio, lengths, repetition, perplexity, BLEU.
+"""
+
+from .generate import GenerateOutput, generate
+from .interop import custom_generate
 from .protocol import StepModel, as_step_model
+from .transforms import Truncation
 
-__all__ = ["StepModel", "as_step_model"]
+__all__ = ["GenerateOutput", "StepModel", "Truncation", "as_step_model", "custom_generate", "generate"]
+
+try:  # the self-terminating layers and models (landing separately)
+    from .self_terminating import (SelfTerminatingLM, load_self_terminating, make_self_terminating,
+                                   save_self_terminating, termination_bound)
+    from .models import RecurrentLM, RecurrentLMConfig
+except ImportError:  # pragma: no cover
+    pass
+else:
+    __all__ += ["RecurrentLM", "RecurrentLMConfig", "SelfTerminatingLM", "load_self_terminating",
+                "make_self_terminating", "save_self_terminating", "termination_bound"]
