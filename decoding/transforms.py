@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "Truncation",
     "apply_temperature",
+    "check_temperature",
     "top_k_keep",
     "top_p_keep",
     "min_p_keep",
@@ -68,7 +69,9 @@ def _check_int(name: str, value: object, *, low: int) -> int:
     return int(value)
 
 
-def _check_real(name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+def _check_real(
+    name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool
+) -> float:
     """``value`` as a float inside the interval, else a ValueError naming ``name`` and the interval."""
     ok = _is_real(value)
     if ok:
@@ -94,7 +97,10 @@ def _check_history(history: torch.Tensor, scores: torch.Tensor) -> None:
 
 
 def as_token_ids(
-    token_ids: int | Sequence[int] | torch.Tensor, *, device: torch.device | str | None = None, name: str = "eos_token_ids"
+    token_ids: int | Sequence[int] | torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    name: str = "eos_token_ids",
 ) -> torch.LongTensor:
     """Token id(s) as a 1-D LongTensor ``[E]`` on ``device``; ValueError naming ``name`` if not ids.
 
@@ -102,13 +108,17 @@ def as_token_ids(
     """
     if isinstance(token_ids, torch.Tensor):
         if token_ids.is_floating_point() or token_ids.dtype == torch.bool or token_ids.dim() > 1:
-            raise ValueError(f"`{name}` must be an int, a list of ints or a 1-D integer tensor, got {token_ids!r}")
+            raise ValueError(
+                f"`{name}` must be an int, a list of ints or a 1-D integer tensor, got {token_ids!r}"
+            )
         if token_ids.numel() == 0:
             raise ValueError(f"`{name}` must not be empty")
         return token_ids.reshape(-1).to(device=device, dtype=torch.long)
     ids = [token_ids] if _is_int(token_ids) else token_ids
     if not isinstance(ids, Sequence) or len(ids) == 0 or not all(_is_int(i) and i >= 0 for i in ids):
-        raise ValueError(f"`{name}` must be a non-negative int or a non-empty list of them, got {token_ids!r}")
+        raise ValueError(
+            f"`{name}` must be a non-negative int or a non-empty list of them, got {token_ids!r}"
+        )
     return torch.tensor([int(i) for i in ids], dtype=torch.long, device=device)
 
 
@@ -184,9 +194,14 @@ def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     Returns:
         ``[B, V]`` new tensor.
     """
+    return scores / check_temperature(temperature)
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, or a ValueError unless it is a finite number > 0."""
     if not _is_real(temperature) or temperature <= 0:
         raise ValueError(f"`temperature` must be a float > 0, got {temperature!r} (use greedy search for 0)")
-    return scores / float(temperature)
+    return float(temperature)
 
 
 def _round_to_float32(value: float) -> float:
@@ -256,7 +271,7 @@ def top_p_keep(scores: torch.Tensor, top_p: float, *, min_tokens_to_keep: int = 
 
 
 def min_p_keep(scores: torch.Tensor, min_p: float, *, min_tokens_to_keep: int = 1) -> torch.BoolTensor:
-    """Keep-mask of min-p sampling (MinPLogitsWarper): ``p >= min_p * max p``, plus the top ``min_tokens_to_keep``.
+    """Keep-mask of min-p sampling (MinPLogitsWarper): ``p >= min_p * max p`` or among the most probable.
 
     Args:
         scores: ``[B, V]`` logits.
@@ -307,7 +322,7 @@ def typical_keep(scores: torch.Tensor, mass: float, *, min_tokens_to_keep: int =
 
 
 def epsilon_keep(scores: torch.Tensor, epsilon: float, *, min_tokens_to_keep: int = 1) -> torch.BoolTensor:
-    """Keep-mask of epsilon sampling (EpsilonLogitsWarper): ``p >= epsilon``, or among the top ``min_tokens_to_keep`` scores.
+    """Keep-mask of epsilon sampling (EpsilonLogitsWarper): ``p >= epsilon`` or among the top scores.
 
     Args:
         scores: ``[B, V]`` logits.
@@ -374,7 +389,9 @@ def truncation_keep(scores: torch.Tensor, truncation: Truncation) -> torch.BoolT
     return kept
 
 
-def with_eos(keep: torch.BoolTensor, eos_token_ids: int | Sequence[int] | torch.LongTensor) -> torch.BoolTensor:
+def with_eos(
+    keep: torch.BoolTensor, eos_token_ids: int | Sequence[int] | torch.LongTensor
+) -> torch.BoolTensor:
     """``keep`` with the eos column(s) set: the consistent candidate set ``V_t ∪ {eos}``.
 
     Args:
@@ -465,7 +482,9 @@ def repetition_penalty(
     ids = history.clamp(max=vocab)  # [B, T]; out-of-vocab ids go to a spare column
     if isinstance(prompt_ignore_length, torch.Tensor):
         if prompt_ignore_length.dim() != 1 or prompt_ignore_length.shape[0] != batch:
-            raise ValueError(f"`prompt_ignore_length` must have shape [{batch}], got {tuple(prompt_ignore_length.shape)}")
+            raise ValueError(
+                f"`prompt_ignore_length` must have shape [{batch}], got {tuple(prompt_ignore_length.shape)}"
+            )
         columns = torch.arange(ids.shape[1], device=ids.device)
         ignored = columns[None, :] < prompt_ignore_length.to(ids.device)[:, None]
         ids = ids.masked_fill(ignored, vocab)
@@ -511,7 +530,11 @@ def no_repeat_ngram(history: torch.LongTensor, scores: torch.Tensor, ngram_size:
 
 
 def min_length(
-    scores: torch.Tensor, eos_token_ids: int | Sequence[int] | torch.LongTensor, *, cur_len: int, min_length: int
+    scores: torch.Tensor,
+    eos_token_ids: int | Sequence[int] | torch.LongTensor,
+    *,
+    cur_len: int,
+    min_length: int,
 ) -> torch.Tensor:
     """eos scores to ``-inf`` while ``cur_len < min_length`` (MinLengthLogitsProcessor).
 
@@ -561,7 +584,11 @@ def forced_bos(scores: torch.Tensor, bos_token_id: int, *, cur_len: int) -> torc
 
 
 def forced_eos(
-    scores: torch.Tensor, eos_token_ids: int | Sequence[int] | torch.LongTensor, *, cur_len: int, max_length: int
+    scores: torch.Tensor,
+    eos_token_ids: int | Sequence[int] | torch.LongTensor,
+    *,
+    cur_len: int,
+    max_length: int,
 ) -> torch.Tensor:
     """At ``cur_len == max_length - 1`` only eos is allowed (ForcedEOSTokenLogitsProcessor).
 

@@ -62,7 +62,9 @@ def score_cases(draw: st.DrawFn) -> torch.Tensor:
     )
 
 
-def hf_call(processor: hf.LogitsProcessor, scores: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+def hf_call(
+    processor: hf.LogitsProcessor, scores: torch.Tensor, input_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """transformers' output on a clone (some of its processors write in place)."""
     if input_ids is None:
         input_ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
@@ -81,11 +83,31 @@ def with_edges(values: st.SearchStrategy[float], *edges: float) -> st.SearchStra
 
 
 RULES = {
-    "top_k": (top_k_keep, lambda v, m: hf.TopKLogitsWarper(top_k=v, min_tokens_to_keep=m), st.integers(1, 70)),
-    "top_p": (top_p_keep, lambda v, m: hf.TopPLogitsWarper(top_p=v, min_tokens_to_keep=m), with_edges(st.floats(0.01, 0.99), 0.25, 0.5, 0.75)),
-    "min_p": (min_p_keep, lambda v, m: hf.MinPLogitsWarper(min_p=v, min_tokens_to_keep=m), with_edges(st.floats(0.001, 1.0), 0.5, 1.0)),
-    "typical": (typical_keep, lambda v, m: hf.TypicalLogitsWarper(mass=v, min_tokens_to_keep=m), st.floats(0.01, 0.99)),
-    "epsilon": (epsilon_keep, lambda v, m: hf.EpsilonLogitsWarper(epsilon=v, min_tokens_to_keep=m), st.floats(1e-4, 0.3)),
+    "top_k": (
+        top_k_keep,
+        lambda v, m: hf.TopKLogitsWarper(top_k=v, min_tokens_to_keep=m),
+        st.integers(1, 70),
+    ),
+    "top_p": (
+        top_p_keep,
+        lambda v, m: hf.TopPLogitsWarper(top_p=v, min_tokens_to_keep=m),
+        with_edges(st.floats(0.01, 0.99), 0.25, 0.5, 0.75),
+    ),
+    "min_p": (
+        min_p_keep,
+        lambda v, m: hf.MinPLogitsWarper(min_p=v, min_tokens_to_keep=m),
+        with_edges(st.floats(0.001, 1.0), 0.5, 1.0),
+    ),
+    "typical": (
+        typical_keep,
+        lambda v, m: hf.TypicalLogitsWarper(mass=v, min_tokens_to_keep=m),
+        st.floats(0.01, 0.99),
+    ),
+    "epsilon": (
+        epsilon_keep,
+        lambda v, m: hf.EpsilonLogitsWarper(epsilon=v, min_tokens_to_keep=m),
+        st.floats(1e-4, 0.3),
+    ),
     "eta": (eta_keep, lambda v, m: hf.EtaLogitsWarper(epsilon=v, min_tokens_to_keep=m), st.floats(1e-4, 0.5)),
 }
 
@@ -93,7 +115,9 @@ RULES = {
 @pytest.mark.parametrize("rule", sorted(RULES))
 @SETTINGS
 @given(scores=score_cases(), data=st.data(), keep_min=st.integers(1, 5))
-def test_keep_matches_transformers_warper(rule: str, scores: torch.Tensor, data: st.DataObject, keep_min: int) -> None:
+def test_keep_matches_transformers_warper(
+    rule: str, scores: torch.Tensor, data: st.DataObject, keep_min: int
+) -> None:
     keep_fn, make_hf, values = RULES[rule]
     value = data.draw(values)
     before = scores.clone()
@@ -133,11 +157,15 @@ def test_exact_boundaries_match_transformers() -> None:
         assert_same_scores(mask_scores(uniform, keep), hf_call(hf.TopPLogitsWarper(top_p), uniform))
     tied_top = torch.tensor([[0.0, 0.0, -1.0]])
     assert min_p_keep(tied_top, 1.0).tolist() == [[True, True, False]]
-    assert_same_scores(mask_scores(tied_top, min_p_keep(tied_top, 1.0)), hf_call(hf.MinPLogitsWarper(1.0), tied_top))
+    assert_same_scores(
+        mask_scores(tied_top, min_p_keep(tied_top, 1.0)), hf_call(hf.MinPLogitsWarper(1.0), tied_top)
+    )
     peaked = torch.tensor([[1.0, 0.0, 0.0, -3.0]])
     epsilon = float(peaked.softmax(-1)[0, 1])  # exactly the probability of tokens 1 and 2
     assert epsilon_keep(peaked, epsilon).tolist() == [[True, True, True, False]]
-    assert_same_scores(mask_scores(peaked, epsilon_keep(peaked, epsilon)), hf_call(hf.EpsilonLogitsWarper(epsilon), peaked))
+    assert_same_scores(
+        mask_scores(peaked, epsilon_keep(peaked, epsilon)), hf_call(hf.EpsilonLogitsWarper(epsilon), peaked)
+    )
 
 
 @st.composite
@@ -175,7 +203,9 @@ def hf_chain(truncation: Truncation, scores: torch.Tensor, temperature: float = 
 
 @SETTINGS
 @given(scores=score_cases(), truncation=truncations(), temperature=st.sampled_from([1.0, 0.7, 1.6]))
-def test_truncation_keep_matches_transformers_chain(scores: torch.Tensor, truncation: Truncation, temperature: float) -> None:
+def test_truncation_keep_matches_transformers_chain(
+    scores: torch.Tensor, truncation: Truncation, temperature: float
+) -> None:
     before = scores.clone()
     warm = apply_temperature(scores, temperature) if temperature != 1.0 else scores
     keep = truncation_keep(warm, truncation)
@@ -188,7 +218,9 @@ def test_truncation_keep_matches_transformers_chain(scores: torch.Tensor, trunca
 
 @SETTINGS
 @given(scores=score_cases(), truncation=truncations(), data=st.data())
-def test_consistent_truncation_is_the_set_plus_eos(scores: torch.Tensor, truncation: Truncation, data: st.DataObject) -> None:
+def test_consistent_truncation_is_the_set_plus_eos(
+    scores: torch.Tensor, truncation: Truncation, data: st.DataObject
+) -> None:
     vocab = scores.shape[1]
     eos_list = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=2))
     eos = torch.tensor(eos_list)
@@ -231,7 +263,9 @@ def test_with_eos_and_mask_scores_are_pure() -> None:
 @given(scores=score_cases(), temperature=st.floats(0.05, 5.0))
 def test_temperature_matches_transformers(scores: torch.Tensor, temperature: float) -> None:
     before = scores.clone()
-    assert_same_scores(apply_temperature(scores, temperature), hf_call(hf.TemperatureLogitsWarper(temperature), scores))
+    assert_same_scores(
+        apply_temperature(scores, temperature), hf_call(hf.TemperatureLogitsWarper(temperature), scores)
+    )
     assert torch.equal(scores, before)
 
 
@@ -257,13 +291,17 @@ def test_repetition_penalty_matches_transformers(case, penalty: float, data: st.
     if ignore_kind == "int":
         ignore = data.draw(st.integers(0, history.shape[1] + 2))
     elif ignore_kind == "tensor":
-        ignore = torch.tensor(data.draw(st.lists(st.integers(0, 32), min_size=len(history), max_size=len(history))))
+        ignore = torch.tensor(
+            data.draw(st.lists(st.integers(0, 32), min_size=len(history), max_size=len(history)))
+        )
     else:
         ignore = None
     before_h, before_s = history.clone(), scores.clone()
     ours = repetition_penalty(history, scores, penalty, prompt_ignore_length=ignore)
     hf_ignore = ignore.clone() if isinstance(ignore, torch.Tensor) else ignore
-    theirs = hf_call(hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=hf_ignore), scores, history)
+    theirs = hf_call(
+        hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=hf_ignore), scores, history
+    )
     assert_same_scores(ours, theirs)
     assert torch.equal(history, before_h) and torch.equal(scores, before_s)
 
@@ -296,8 +334,16 @@ def test_no_repeat_ngram_hand_made() -> None:
 
 
 @SETTINGS
-@given(scores=score_cases(), cur_len=st.integers(0, 12), minimum=st.integers(0, 12), prompt=st.integers(0, 5), data=st.data())
-def test_min_length_matches_transformers(scores: torch.Tensor, cur_len: int, minimum: int, prompt: int, data) -> None:
+@given(
+    scores=score_cases(),
+    cur_len=st.integers(0, 12),
+    minimum=st.integers(0, 12),
+    prompt=st.integers(0, 5),
+    data=st.data(),
+)
+def test_min_length_matches_transformers(
+    scores: torch.Tensor, cur_len: int, minimum: int, prompt: int, data
+) -> None:
     eos = data.draw(st.lists(st.integers(0, scores.shape[1] - 1), min_size=1, max_size=2))
     before = scores.clone()
     ids = torch.zeros((scores.shape[0], cur_len), dtype=torch.long)
@@ -312,13 +358,17 @@ def test_min_length_matches_transformers(scores: torch.Tensor, cur_len: int, min
 
 @SETTINGS
 @given(scores=score_cases(), cur_len=st.integers(0, 6), max_len=st.integers(1, 7), data=st.data())
-def test_forced_bos_and_eos_match_transformers(scores: torch.Tensor, cur_len: int, max_len: int, data) -> None:
+def test_forced_bos_and_eos_match_transformers(
+    scores: torch.Tensor, cur_len: int, max_len: int, data
+) -> None:
     vocab = scores.shape[1]
     bos = data.draw(st.integers(0, vocab - 1))
     eos = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=2))
     before = scores.clone()
     ids = torch.zeros((scores.shape[0], cur_len), dtype=torch.long)
-    assert_same_scores(forced_bos(scores, bos, cur_len=cur_len), hf_call(hf.ForcedBOSTokenLogitsProcessor(bos), scores, ids))
+    assert_same_scores(
+        forced_bos(scores, bos, cur_len=cur_len), hf_call(hf.ForcedBOSTokenLogitsProcessor(bos), scores, ids)
+    )
     ours = forced_eos(scores, eos, cur_len=cur_len, max_length=max_len)
     assert_same_scores(ours, hf_call(hf.ForcedEOSTokenLogitsProcessor(max_len, eos), scores, ids))
     assert torch.equal(scores, before)
@@ -382,15 +432,28 @@ BAD = [
     (lambda: repetition_penalty(H, S, 0.0), "penalty"),
     (lambda: repetition_penalty(H.float(), S, 1.2), "history"),
     (lambda: repetition_penalty(H[:1], S, 1.2), "history"),
-    (lambda: repetition_penalty(H, S, 1.2, prompt_ignore_length=torch.tensor([1, 2, 3])), "prompt_ignore_length"),
+    (
+        lambda: repetition_penalty(H, S, 1.2, prompt_ignore_length=torch.tensor([1, 2, 3])),
+        "prompt_ignore_length",
+    ),
     (lambda: repetition_penalty(H, S, 1.2, prompt_ignore_length=-1), "prompt_ignore_length"),
     (lambda: no_repeat_ngram(H, S, 0), "ngram_size"),
     (lambda: min_length(S, 1, cur_len=0, min_length=-1), "min_length"),
     (lambda: min_length(S, 1, cur_len=-1, min_length=2), "cur_len"),
     (lambda: forced_bos(S, -1, cur_len=1), "bos_token_id"),
     (lambda: forced_eos(S, 1, cur_len=1, max_length=0), "max_length"),
-    (lambda: exponential_decay_length_penalty(S, 1, cur_len=5, input_len=1, start_index=1, decay_factor=0.0), "decay_factor"),
-    (lambda: exponential_decay_length_penalty(S, 1, cur_len=5, input_len=1, start_index=-1, decay_factor=1.5), "start_index"),
+    (
+        lambda: exponential_decay_length_penalty(
+            S, 1, cur_len=5, input_len=1, start_index=1, decay_factor=0.0
+        ),
+        "decay_factor",
+    ),
+    (
+        lambda: exponential_decay_length_penalty(
+            S, 1, cur_len=5, input_len=1, start_index=-1, decay_factor=1.5
+        ),
+        "start_index",
+    ),
 ]
 
 
