@@ -10,17 +10,14 @@
 
 from .generate import GenerateOutput, generate
 from .interop import custom_generate
+from .models import RecurrentLM, RecurrentLMConfig
 from .protocol import StepModel, as_step_model
+from .self_terminating import (SelfTerminatingLM, load_self_terminating, make_self_terminating,
+                               save_self_terminating, termination_bound)
 from .transforms import Truncation
 
-__all__ = ["GenerateOutput", "StepModel", "Truncation", "as_step_model", "custom_generate", "generate"]
-
-try:  # the self-terminating layers and models (landing separately)
-    from .self_terminating import (SelfTerminatingLM, load_self_terminating, make_self_terminating,
-                                   save_self_terminating, termination_bound)
-    from .models import RecurrentLM, RecurrentLMConfig
-except ImportError:  # pragma: no cover
-    pass
-else:
-    __all__ += ["RecurrentLM", "RecurrentLMConfig", "SelfTerminatingLM", "load_self_terminating",
-                "make_self_terminating", "save_self_terminating", "termination_bound"]
+__all__ = [
+    "GenerateOutput", "RecurrentLM", "RecurrentLMConfig", "SelfTerminatingLM", "StepModel", "Truncation",
+    "as_step_model", "custom_generate", "generate", "load_self_terminating", "make_self_terminating",
+    "save_self_terminating", "termination_bound",
+]
