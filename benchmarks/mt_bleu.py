@@ -337,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="mt_bleu", help="output file stem")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a tiny model (for tests)")
     parser.add_argument("--no-progress", action="store_true")
     for name, kind in (("train-pairs", int), ("val-pairs", int), ("test-pairs", int), ("vocab-size", int),
