@@ -1,1 +1,43 @@
-"""Training: MLE, MLE-guided parameter search (MGS), minimum risk training and policy gradient."""
+"""Training: MLE, MLE-guided parameter search (MGS), minimum risk training and policy gradient.
+
+Example, fine-tuning a translation model against BLEU with MGS::
+
+    from training import (LoopConfig, MGSConfig, MGSStep, Seq2SeqTask, encode_parallel, load_seq2seq,
+                          read_parallel, train)
+
+    model, tokenizer = load_seq2seq("my-mle-model")
+    data = encode_parallel(read_parallel("train.de", "train.en"), tokenizer)
+    step = MGSStep(Seq2SeqTask(tokenizer, cost="bleu"), MGSConfig(num_candidates=4, sigma=1.0, alpha=100.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train(model, step, data, optimizer, config=LoopConfig(batch_size=32, max_seconds=600),
+          checkpoint_dir="runs/mgs")
+"""
+
+from .checkpoint import atomic_save, load_checkpoint, model_signature
+from .costs import COSTS, Decoded, get_cost
+from .data import Batch, EncodedParallel, ParallelText, encode_parallel, epoch_batches, make_batch, read_parallel
+from .decode import Hypotheses, decode
+from .evaluate import TranslationScores, Translations, score_translations, translate
+from .loop import LoopConfig, TrainResult, load_best, train
+from .losses import MovingAverageBaseline, length_normalised, mle_loss, mrt_loss, pg_loss, teacher_forced_logprobs
+from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, log_proposal_density
+from .models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from .steps import MLEStep, MRTStep, PGStep, UpdateStep
+from .task import Seq2SeqTask, SequenceTask
+from .tokenizer import train_tokenizer
+
+__all__ = [
+    "atomic_save", "load_checkpoint", "model_signature",
+    "COSTS", "Decoded", "get_cost",
+    "Batch", "EncodedParallel", "ParallelText", "encode_parallel", "epoch_batches", "make_batch",
+    "read_parallel",
+    "Hypotheses", "decode",
+    "TranslationScores", "Translations", "score_translations", "translate",
+    "LoopConfig", "TrainResult", "load_best", "train",
+    "MovingAverageBaseline", "length_normalised", "mle_loss", "mrt_loss", "pg_loss", "teacher_forced_logprobs",
+    "MGSConfig", "MGSStep", "candidate_costs", "importance_log_weights", "log_proposal_density",
+    "Seq2SeqSize", "build_seq2seq", "load_seq2seq", "save_seq2seq",
+    "MLEStep", "MRTStep", "PGStep", "UpdateStep",
+    "Seq2SeqTask", "SequenceTask",
+    "train_tokenizer",
+]

@@ -96,7 +96,8 @@ class Batch:
     """One minibatch.
 
     Attributes:
-        source_ids: ``[B, S]`` right-padded source tokens (encoder input).
+        source_ids: ``[B, S]`` source tokens: right-padded encoder input, or a decoder-only model's
+            left-padded prompt.
         source_mask: ``[B, S]`` 1 on real tokens.
         target_ids: ``[B, T]`` right-padded target tokens, each row ending with eos.
         target_mask: ``[B, T]`` 1 on real tokens (eos included).
@@ -127,11 +128,20 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.LongTensor, tor
     return ids, mask
 
 
-def make_batch(data: EncodedParallel, indices: Sequence[int]) -> Batch:
-    """The batch of pairs ``indices`` (right padding on both sides)."""
+def _to_left_padding(ids: torch.LongTensor, mask: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    shift = (mask.shape[1] - mask.sum(1))[:, None]                       # [B, 1] padding per row
+    index = (torch.arange(mask.shape[1])[None, :] - shift) % mask.shape[1]
+    return ids.gather(1, index), mask.gather(1, index)
+
+
+def make_batch(data: EncodedParallel, indices: Sequence[int], *, left_pad_source: bool = False) -> Batch:
+    """The batch of pairs ``indices``: targets right-padded; sources right-padded (encoder input) or,
+    with ``left_pad_source``, left-padded (prompts of a decoder-only model)."""
     if len(indices) == 0:
         raise ValueError("indices: a batch needs at least one pair")
     source_ids, source_mask = _pad([data.source_ids[i] for i in indices], data.pad_token_id)
+    if left_pad_source:
+        source_ids, source_mask = _to_left_padding(source_ids, source_mask)
     target_ids, target_mask = _pad([data.target_ids[i] for i in indices], data.pad_token_id)
     return Batch(source_ids, source_mask, target_ids, target_mask,
                  tuple(data.text.targets[i] for i in indices))
