@@ -24,9 +24,17 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def _field(outputs: Any, name: str) -> Any:
+    return outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+
+
 def _output_cache(outputs: Any) -> Any:
-    cache = outputs.get("cache") if hasattr(outputs, "get") else None
-    return cache if cache is not None else outputs.get("past_key_values")
+    cache = _field(outputs, "cache")
+    return cache if cache is not None else _field(outputs, "past_key_values")
+
+
+def _last_logits(outputs: Any) -> torch.Tensor:
+    return _field(outputs, "logits")[:, -1, :].float()
 
 
 def _reorder(cache: Any, index: torch.LongTensor) -> Any:
@@ -74,7 +82,7 @@ class CausalLMStepModel:
         if cache is not None:
             kwargs[self._cache_kw] = cache
         outputs = self.model(**kwargs, return_dict=True)
-        return outputs.logits[:, -1, :].float(), _output_cache(outputs)
+        return _last_logits(outputs), _output_cache(outputs)
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask):
@@ -143,7 +151,7 @@ class Seq2SeqStepModel:
         if state.cache is not None:
             kwargs[self._cache_kw] = state.cache
         outputs = self.model(**kwargs, return_dict=True)
-        return outputs.logits[:, -1, :].float(), replace(state, cache=_output_cache(outputs))
+        return _last_logits(outputs), replace(state, cache=_output_cache(outputs))
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask):

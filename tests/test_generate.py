@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -204,3 +202,46 @@ def test_output_layout_pads_after_eos_and_reports_termination():
         assert not (generated[row, :length - 1] == EOS).any()
         assert (generated[row, length:] == PAD).all()
     assert generated.shape[1] == int(out.lengths.max())
+
+
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_several_eos_ids_match_transformers(options):
+    model = tiny_model("gpt2", eos_boost=1.0)
+    ids, mask = _inputs("gpt2")
+    plain = generate(model, ids, mask, max_new_tokens=MAX_NEW)
+    second_eos = int(plain[0, ids.shape[1] + 2])  # a token greedy emits early: stopping on it changes rows
+    eos = [EOS, second_eos]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=eos, **options)
+    ours = generate(model, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, return_dict_in_generate=True,
+                    **options)
+    assert torch.equal(ours.sequences, expected)
+    if not options:  # greedy emits the second eos early by construction
+        assert ours.terminated.any()
+
+
+class _LegacyCacheName(torch.nn.Module):
+    """A model whose forward takes and returns its cache as ``past_key_values`` (transformers < 5.2x)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.generation_config = inner.generation_config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                return_dict=True):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=past_key_values, use_cache=use_cache)
+        return {"logits": out.logits, "past_key_values": out.cache}
+
+
+def test_models_with_the_old_past_key_values_name_work():
+    model = tiny_model("llama")
+    ids, mask = _inputs("llama")
+    legacy = _LegacyCacheName(model)
+    for options in ({}, {"num_beams": 3}):
+        assert torch.equal(generate(legacy, ids, mask, max_new_tokens=MAX_NEW, **options),
+                           generate(model, ids, mask, max_new_tokens=MAX_NEW, **options))
