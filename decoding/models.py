@@ -81,9 +81,8 @@ class RecurrentLMConfig:
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
         check_eos_token_id(self.eos_token_id, self.vocab_size)
-        if self.pad_token_id is not None:
-            if not 0 <= self.pad_token_id < self.vocab_size:
-                raise ValueError(f"pad_token_id must be in [0, {self.vocab_size}), got {self.pad_token_id}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, {self.vocab_size}), got {self.pad_token_id}")
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
         if self.hidden_size < 1 or self.num_layers < 1:

@@ -118,7 +118,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -_LN2, near_zero, far)
 
 
-def _context_or_none(context_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _as_context_mask(context_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if context_mask is None:
         return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
     if context_mask.shape != like.shape:
@@ -174,7 +174,7 @@ def st_log_probs(
     """
     epsilon = check_epsilon(epsilon)
     _check_logit_shapes(non_eos_logits, eos_logit)
-    context = _context_or_none(context_mask, eos_logit)
+    context = _as_context_mask(context_mask, eos_logit)
     running = _running_dtype(eos_logit.device)
     if log_alive is None:
         log_alive = torch.zeros(eos_logit.shape[:-1], dtype=running, device=eos_logit.device)
@@ -211,7 +211,7 @@ def nmst_log_probs(
     """
     epsilon = check_epsilon(epsilon)
     _check_logit_shapes(non_eos_logits, eos_logit)
-    context = _context_or_none(context_mask, eos_logit)
+    context = _as_context_mask(context_mask, eos_logit)
     running = _running_dtype(eos_logit.device)
     if steps is None:
         steps = torch.zeros(eos_logit.shape[:-1], dtype=torch.long, device=eos_logit.device)

@@ -86,12 +86,13 @@ def test_perplexity_is_exp_of_the_mean_token_nll():
     assert evaluate_perplexity(model, batches) == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+@pytest.mark.parametrize("build", [rnn_lm, lstm_lm])
 @pytest.mark.parametrize("head, epsilon", [("vanilla", None), ("st", 1e-2), ("nmst", 1e-2)])
-def test_short_mle_run_on_wikitext_lowers_validation_perplexity(wikitext_batches, head, epsilon):
+def test_short_mle_run_on_wikitext_lowers_validation_perplexity(wikitext_batches, build, head, epsilon):
     train, valid, vocab_size = wikitext_batches
     torch.manual_seed(0)
-    model = lstm_lm(vocab_size, eos_token_id=EOS, pad_token_id=PAD, head=head, epsilon=epsilon,
-                    hidden_size=32, dropout=0.1)  # fmt: skip
+    model = build(vocab_size, eos_token_id=EOS, pad_token_id=PAD, head=head, epsilon=epsilon,
+                  hidden_size=32, dropout=0.1)  # fmt: skip
     before = evaluate_perplexity(model, valid)
     history = train_lm(model, train, valid, epochs=2, lr=1e-2, progress=False)
     assert len(history.epochs) == 2

@@ -108,7 +108,7 @@ def test_padding_does_not_change_a_row(cell):
 def test_batched_prefill_equals_one_by_one(cell, head, epsilon):
     step_model = small(cell, head, epsilon).as_step_model()
     ids, mask = left_padded(2)
-    logits, state, prefix = step_model.prefill(ids, mask)
+    logits, _, prefix = step_model.prefill(ids, mask)
     assert torch.equal(prefix, ids)
     for row in range(4):
         real = ids[row][mask[row].bool()].unsqueeze(0)

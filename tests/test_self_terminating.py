@@ -114,11 +114,12 @@ def test_step_form_equals_full_form(shape, kind, epsilon, scale, seed, data):
 def test_chained_single_positions_equal_full_form_with_any_context(shape, kind, epsilon, seed):
     logits = random_logits(seed, shape, 3.0)
     context = random_mask(seed, shape[:2])
-    full, _ = self_terminating_log_probs(logits, kind=kind, epsilon=epsilon, eos_token_id=1 % shape[2], context_mask=context)
+    eos = 1 % shape[2]
+    full, _ = self_terminating_log_probs(logits, kind=kind, epsilon=epsilon, eos_token_id=eos, context_mask=context)
     state = None
     for position in range(shape[1]):
         one, state = self_terminating_log_probs(
-            logits[:, position : position + 1], kind=kind, epsilon=epsilon, eos_token_id=1 % shape[2],
+            logits[:, position : position + 1], kind=kind, epsilon=epsilon, eos_token_id=eos,
             context_mask=context[:, position : position + 1], state=state,
         )  # fmt: skip
         torch.testing.assert_close(one[:, 0], full[:, position], atol=1e-6, rtol=0)  # -inf == -inf on context
@@ -206,9 +207,9 @@ def test_bad_kind_and_eos_are_rejected():
         with pytest.raises(ValueError, match="eos_token_id"):
             self_terminating_log_probs(torch.zeros(1, 2, 3), kind="st", epsilon=0.1, eos_token_id=eos)
     with pytest.raises(ValueError, match="context_mask"):
-        self_terminating_log_probs(
-            torch.zeros(1, 2, 3), kind="st", epsilon=0.1, eos_token_id=0, context_mask=torch.zeros(2, 2, dtype=torch.bool)
-        )
+        wrong_shape = torch.zeros(2, 2, dtype=torch.bool)
+        self_terminating_log_probs(torch.zeros(1, 2, 3), kind="st", epsilon=0.1, eos_token_id=0,
+                                   context_mask=wrong_shape)  # fmt: skip
 
 
 def test_make_self_terminating_rejects_bad_arguments():
@@ -239,7 +240,7 @@ def test_make_self_terminating_rejects_bad_arguments():
 # ------------------------------------------------------------------------------ transformers models
 def tiny_gpt2(seed: int, eos_bias: float = 0.0, peak: bool = False) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=16, n_layer=2, n_head=2, eos_token_id=0, bos_token_id=0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=16, n_layer=2, n_head=2, eos_token_id=0)
     model = GPT2LMHeadModel(config).eval()
     bias = logit_bias(eos=0, eos_bias=eos_bias, peak=peak)
     if bias.any():  # GPT-2's output layer has no bias: add one after it
@@ -338,6 +339,9 @@ def test_hf_forward_returns_log_probs_and_transformers_loss_is_the_nll(family, k
     eos = model.eos_token_id
     assert torch.equal(out.logits[..., eos][context].exp(), torch.zeros(int(context.sum())))
     assert bool((out.logits[..., eos][~context].exp() > 0).all())
+    decoder = {} if shifted else {"decoder_input_ids": model.base.prepare_decoder_input_ids_from_labels(labels=labels)}
+    explicit = model(ids, mask, context_mask=context, **decoder)  # an explicit context mask instead of labels
+    assert explicit.loss is None and torch.equal(explicit.logits, out.logits)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bart"])
