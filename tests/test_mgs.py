@@ -158,3 +158,25 @@ def test_mgs_step_logs_and_mle_mix_one_is_exactly_the_mle_step():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MGSConfig(**kwargs)
+
+
+class CountingTask(ExactMatchTask):
+    def __init__(self):
+        self.decodes = self.mle_calls = 0
+
+    def mle_loss(self, model, batch):
+        self.mle_calls += 1
+        return super().mle_loss(model, batch)
+
+    def decode_costs(self, model, batch, *, generator):
+        self.decodes += 1
+        return super().decode_costs(model, batch, generator=generator)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_one_update_costs_k_plus_one_decodes_and_one_mle_backward(k):
+    model, batch, generator = toy_problem(0)
+    task = CountingTask()
+    MGSStep(task, MGSConfig(num_candidates=k))(model, batch, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               generator=generator)
+    assert task.decodes == k + 1 and task.mle_calls == 1
