@@ -86,11 +86,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                  if getattr(args, name) is not None}
     if args.tiny:
         overrides["size"] = Seq2SeqSize(d_model=32, layers=1, heads=2, ffn_dim=64)
+    mgs = {field: getattr(args, f"mgs_{field}") for field in ("num_candidates", "sigma", "alpha", "mle_share",
+                                                              "importance")
+           if getattr(args, f"mgs_{field}") is not None}
+    overrides["mgs"] = replace(settings.mgs, **mgs)
     return replace(settings, **overrides)
 
 
-def cache_key(settings: Settings) -> str:
-    text = json.dumps(asdict(settings), sort_keys=True, default=str)
+BASE_FIELDS = ("train_pairs", "val_pairs", "vocab_size", "size", "base_seconds", "base_epochs", "base_batch",
+               "base_lr", "base_warmup", "base_validate_every", "label_smoothing", "base_seed")
+
+
+def cache_key(settings: Settings, *, base_only: bool = False) -> str:
+    """Hash of the settings (of those that shape the base model only, with ``base_only``)."""
+    fields = asdict(settings)
+    if base_only:
+        fields = {name: fields[name] for name in BASE_FIELDS}
+    text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -213,8 +225,9 @@ def make_step(method: str, task: Seq2SeqTask, settings: Settings):
 
 def finetune(root: Path, method: str, seed: int, splits: dict[str, ParallelText], settings: Settings, *,
              progress: bool) -> dict:
-    """One fine-tuning run from the base model; cached in ``root/<method>-seed<seed>/result.json``."""
-    run_dir = root / f"{method}-seed{seed}"
+    """One fine-tuning run from the base model; cached in
+    ``root/finetune-<settings hash>/<method>-seed<seed>/result.json``."""
+    run_dir = root / f"finetune-{cache_key(settings)}" / f"{method}-seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -344,6 +357,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("base-seconds", float), ("finetune-seconds", float),
                        ("finetune-validate-seconds", float)):
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--mgs-num-candidates", type=int, default=None, help="K (default 4)")
+    parser.add_argument("--mgs-sigma", type=float, default=None, help="noise scale (default 1.0)")
+    parser.add_argument("--mgs-alpha", type=float, default=None, help="inverse temperature (default 100)")
+    parser.add_argument("--mgs-mle-share", type=float, default=None,
+                        help="pi: share of MLE-centred candidates (default 0.5; 1 = MLE-only, 0 = zero-only)")
+    parser.add_argument("--mgs-importance", choices=("reference", "exact"), default=None)
     args = parser.parse_args(argv)
     if len(args.seeds) < 1 or args.threads < 1:
         parser.error("need at least one seed and one thread")
@@ -356,7 +375,7 @@ def cache_root(args: argparse.Namespace, settings: Settings) -> Path:
     else:
         base = Path(os.environ.get("CONSISTENT_DECODING_CACHE") or Path.home() / ".cache/consistent-decoding")
         base = base / "mt_bleu"
-    return base.expanduser() / cache_key(settings)
+    return base.expanduser() / cache_key(settings, base_only=True)
 
 
 def metadata(argv: list[str] | None, settings: Settings, root: Path, notes: list[str]) -> dict:

@@ -41,7 +41,8 @@ def test_end_to_end_writes_table_and_json_and_resumes(tmp_path):
             assert 0.0 <= scores["bleu"] <= 100.0 and 0.0 <= scores["nontermination"] <= 1.0
     assert stored["runs"] == payload["runs"]
 
-    cached = sorted((tmp_path / "cache").glob("*/*-seed0/result.json"))
+    cached = sorted((tmp_path / "cache").glob("*/finetune-*/*-seed0/result.json"))
+    assert len(cached) == 4
     stamps = [path.stat().st_mtime_ns for path in cached]
     again = mt_bleu.main(arguments(tmp_path))
     assert [path.stat().st_mtime_ns for path in cached] == stamps and again["runs"] == payload["runs"]
