@@ -1,0 +1,247 @@
+"""Decoders and per-cell metrics for :mod:`benchmarks.nontermination`.
+
+A *cell* is one model decoded with one decoder on the benchmark's prompts. :func:`decode_cell` runs
+:func:`decoding.generate` up to ``L`` new tokens and :func:`cell_metrics` turns the generated tokens into
+the table's numbers: the non-termination ratio ``r_L``, the mean generated length and its ratio to the
+reference continuations', and seq-rep-4. Sampled decoders draw ``R`` independent sample sets in one call
+(``num_return_sequences=R``, one seeded generator); each set is scored on its own and the table shows the
+mean and the spread (sample standard deviation) over the sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from decoding.generate import generate
+from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
+
+__all__ = [
+    "DecoderSpec",
+    "DECODERS",
+    "CellResult",
+    "cell_metrics",
+    "decode_cell",
+    "load_cell",
+    "save_cell",
+]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """One decoding algorithm, as ``generate`` options.
+
+    Attributes:
+        name: the name used on the command line and in the tables.
+        sampled: draws at random (scored over several sample sets).
+        consistent: keep eos in the candidate set (consistent top-k / nucleus).
+        options: ``generate`` keyword options (besides lengths, ids and the generator).
+    """
+
+    name: str
+    sampled: bool
+    consistent: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _sampler(name: str, *, top_k: int = 0, top_p: float = 1.0, consistent: bool = False) -> DecoderSpec:
+    options = {"do_sample": True, "num_beams": 1, "top_k": top_k, "top_p": top_p, "temperature": 1.0}
+    return DecoderSpec(name, sampled=True, consistent=consistent, options=options)
+
+
+def _searcher(name: str, *, num_beams: int) -> DecoderSpec:
+    return DecoderSpec(name, sampled=False, options={"do_sample": False, "num_beams": num_beams})
+
+
+# top_k=0 everywhere but top-k: transformers would otherwise add its default top_k=50 to every sampler
+DECODERS: dict[str, DecoderSpec] = {
+    spec.name: spec
+    for spec in (
+        _sampler("ancestral"),
+        _searcher("greedy", num_beams=1),
+        _searcher("beam-2", num_beams=2),
+        _searcher("beam-4", num_beams=4),
+        _sampler("top-k-2", top_k=2),
+        _sampler("top-k-4", top_k=4),
+        _sampler("nucleus-0.2", top_p=0.2),
+        _sampler("nucleus-0.4", top_p=0.4),
+        _sampler("consistent-top-k-2", top_k=2, consistent=True),
+        _sampler("consistent-top-k-4", top_k=4, consistent=True),
+        _sampler("consistent-nucleus-0.2", top_p=0.2, consistent=True),
+        _sampler("consistent-nucleus-0.4", top_p=0.4, consistent=True),
+    )
+}
+
+
+@dataclass
+class CellResult:
+    """The numbers of one model x decoder cell.
+
+    Attributes:
+        model, decoder: names.
+        max_new_tokens: ``L``.
+        prompts: number of prompts; sample_sets: ``R`` (1 for greedy and beam search).
+        nontermination: ``r_L`` per sample set.
+        mean_length: mean generated length per set (eos included; unfinished rows count ``L``).
+        length_ratio: mean generated length over mean reference length, per set.
+        seq_rep_4: mean seq-rep-4 of the continuations (eos excluded), per set.
+        lengths: every row's generated length, set after set (for the length plot).
+        seconds: wall time of the decode.
+    """
+
+    model: str
+    decoder: str
+    max_new_tokens: int
+    prompts: int
+    sample_sets: int
+    nontermination: list[float]
+    mean_length: list[float]
+    length_ratio: list[float]
+    seq_rep_4: list[float]
+    lengths: list[int]
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean and sample standard deviation (None for one set) of each metric over the sample sets."""
+        out: dict[str, float | None] = {}
+        for name in ("nontermination", "mean_length", "length_ratio", "seq_rep_4"):
+            values = getattr(self, name)
+            out[name] = statistics.fmean(values)
+            out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        return out
+
+
+def cell_metrics(
+    generated: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    eos_token_id: int,
+    max_new_tokens: int,
+    reference_lengths: Sequence[int],
+    sample_sets: int = 1,
+    terminated: torch.Tensor | None = None,
+) -> dict[str, list[float] | list[int]]:
+    """Score generated continuations, one sample set at a time.
+
+    Args:
+        generated: ``[N * R, G]`` generated tokens only (no prompt), ``G <= L``, or ``N * R`` token lists;
+            rows of one prompt adjacent (``generate``'s layout for ``num_return_sequences=R``). A row
+            without eos must hold all ``L`` tokens; rows with eos may be padded after it.
+        eos_token_id: the end token.
+        max_new_tokens: ``L``, the cap the decode ran with.
+        reference_lengths: ``N`` reference continuation lengths (eos included).
+        sample_sets: ``R``.
+        terminated: optional ``[N * R]`` flags from the decoder, cross-checked against the tokens.
+
+    Returns:
+        ``{"nontermination", "mean_length", "length_ratio", "seq_rep_4"}``: one value per sample set, and
+        ``"lengths"``: every row's generated length (eos included), set after set.
+    """
+    n_prompts = len(reference_lengths)
+    if sample_sets < 1:
+        raise ValueError(f"sample_sets must be >= 1, got {sample_sets}")
+    rows_all = generated.tolist() if isinstance(generated, torch.Tensor) else [list(row) for row in generated]
+    if len(rows_all) != n_prompts * sample_sets:
+        raise ValueError(
+            f"generated has {len(rows_all)} rows, expected {n_prompts} prompts x {sample_sets} sample sets"
+        )
+    out: dict[str, list] = {"nontermination": [], "mean_length": [], "length_ratio": [], "seq_rep_4": [], "lengths": []}
+    for index in range(sample_sets):
+        rows = rows_all[index::sample_sets]  # N rows
+        flags = None if terminated is None else terminated[index::sample_sets]
+        # no pad_token_id: a row without eos must then span all L tokens, whatever tokens it holds
+        out["nontermination"].append(
+            nontermination_ratio(rows, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, terminated=flags)
+        )
+        with_eos = continuation_tokens(rows, eos_token_id=eos_token_id, keep_eos=True)
+        lengths = [len(row) for row in with_eos]
+        out["lengths"].extend(lengths)
+        out["mean_length"].append(statistics.fmean(lengths))
+        out["length_ratio"].append(length_ratio(lengths, reference_lengths))
+        out["seq_rep_4"].append(mean_seq_rep_n(continuation_tokens(rows, eos_token_id=eos_token_id), n=4))
+    return out
+
+
+def cell_seed(seed: int, model: str, decoder: str) -> int:
+    """A stable per-cell seed (crc32, not ``hash``: the same in every process)."""
+    return (seed * 1_000_003 + zlib.crc32(f"{model}/{decoder}".encode())) % (2**63)
+
+
+def decode_cell(
+    model: Any,
+    prompts: torch.Tensor,
+    *,
+    model_name: str,
+    decoder: DecoderSpec,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    reference_lengths: Sequence[int],
+    sample_sets: int,
+    seed: int,
+    batch_size: int,
+    progress: bool = True,
+) -> CellResult:
+    """Decode ``prompts [N, P]`` (unpadded, all of length ``P``) with one decoder and score the result.
+
+    Prompts go through in chunks of ``batch_size``; a sampled decoder draws ``sample_sets`` continuations
+    per prompt in the same call. The generator is seeded from ``seed`` and the cell's names.
+    """
+    import time
+
+    sets = sample_sets if decoder.sampled else 1
+    generator = torch.Generator().manual_seed(cell_seed(seed, model_name, decoder.name))
+    config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    start = time.perf_counter()
+    chunks, flags = [], []
+    for first in range(0, prompts.shape[0], batch_size):
+        input_ids = prompts[first : first + batch_size]
+        out = generate(
+            model, input_ids, torch.ones_like(input_ids), generation_config=config, consistent=decoder.consistent,
+            generator=generator, progress=progress, max_new_tokens=max_new_tokens, min_new_tokens=0,
+            num_return_sequences=sets, return_dict_in_generate=True, **decoder.options,
+        )  # fmt: skip
+        generated = out.sequences[:, input_ids.shape[1] :]
+        chunks.append(torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id))
+        flags.append(out.terminated)
+    # chunk-major rows: prompt-major within a chunk, so the sets interleave the same way throughout
+    generated, terminated = torch.cat(chunks), torch.cat(flags)
+    metrics = cell_metrics(
+        _strip_fill(generated, terminated, eos_token_id), eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
+        reference_lengths=reference_lengths, sample_sets=sets, terminated=terminated,
+    )  # fmt: skip
+    return CellResult(
+        model=model_name, decoder=decoder.name, max_new_tokens=max_new_tokens, prompts=len(reference_lengths),
+        sample_sets=sets, seconds=time.perf_counter() - start, **metrics,
+    )  # fmt: skip
+
+
+def _strip_fill(generated: torch.Tensor, terminated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
+    """Rows as lists: finished rows up to their eos, unfinished rows whole (they span all L tokens)."""
+    rows = []
+    for row, done in zip(generated.tolist(), terminated.tolist()):
+        rows.append(row[: row.index(eos_token_id) + 1] if done else row)
+    return rows
+
+
+def save_cell(result: CellResult, path: Path) -> None:
+    """Write a cell's result as JSON, atomically (tmp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.__dict__))
+    os.replace(tmp, path)
+
+
+def load_cell(path: Path) -> CellResult | None:
+    """A cell saved by :func:`save_cell`, or None when there is none."""
+    if not path.is_file():
+        return None
+    return CellResult(**json.loads(path.read_text()))

