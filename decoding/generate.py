@@ -39,17 +39,18 @@ def _user_processor(processor: Any) -> Processor:
     return lambda history, scores, prompt_index: processor(history, scores)
 
 
-def build_processors(options: DecodeOptions, *, prefix_length: int,
-                     padding_lengths: torch.LongTensor | None) -> list[Processor]:
+def build_processors(options: DecodeOptions, *, prefix_length: int, padding_lengths: torch.LongTensor | None,
+                     device: torch.device | str = "cpu") -> list[Processor]:
     """The logits-processor chain in transformers' order, user processors last (warpers are applied by the
     search loop itself, after these).
 
     Args:
         prefix_length: ``P``, the length of the rows' prefix (prompt or decoder start).
         padding_lengths: ``[B]`` left-padding columns per prompt (ignored by the repetition penalty).
+        device: where the scores live (token-id tensors are made there once, not at every step).
     """
     chain: list[Processor] = []
-    eos = torch.tensor(options.eos_token_ids) if options.eos_token_ids else None
+    eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     if options.repetition_penalty != 1.0:
         penalty = options.repetition_penalty
 
@@ -69,7 +70,7 @@ def build_processors(options: DecodeOptions, *, prefix_length: int,
         bos = options.forced_bos_token_id
         chain.append(lambda history, scores, _: T.forced_bos(scores, bos, cur_len=history.shape[1]))
     if options.forced_eos_token_id:
-        forced = torch.tensor(options.forced_eos_token_id)
+        forced = torch.tensor(options.forced_eos_token_id, device=device)
         max_len = prefix_length + options.max_new_tokens
         chain.append(lambda history, scores, _: T.forced_eos(scores, forced, cur_len=history.shape[1],
                                                              max_length=max_len))
@@ -179,6 +180,9 @@ def generate(
         input_ids, attention_mask, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
         pad_token_id=pad_hint if isinstance(pad_hint, int) else None, eos_token_ids=eos_hint,
     )
+    model_device = getattr(model, "device", None)
+    if isinstance(model_device, torch.device) and model_device.type != "meta":
+        input_ids, attention_mask = input_ids.to(model_device), attention_mask.to(model_device)
     prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
     options = resolve_options(
         model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
@@ -188,7 +192,8 @@ def generate(
     if not options.use_cache:
         step_model = _uncached(step_model)
     padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
-    processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding)
+    processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding,
+                                  device=input_ids.device)
 
     logits, state, prefix = step_model.prefill(input_ids, attention_mask)
     search = beam_search if options.is_beam_search else sample_search
