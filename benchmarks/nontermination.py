@@ -64,11 +64,11 @@ class Settings:
 
 QUICK = Settings(
     words=WordSettings(
-        vocab_size=5000, train_tokens=150_000, eval_sentences=1000, prompts=64, rnn_hidden=128, lstm_hidden=128,
-        epochs=2, patience=1,
+        vocab_size=5000, train_tokens=80_000, eval_sentences=500, prompts=32, rnn_hidden=128, lstm_hidden=128,
+        epochs=1, patience=1,
     ),
-    smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=15_000, train_layers=2, batch_tokens=1024, lr=1e-4),
-    smol_decoders=("greedy", "nucleus-0.4", "consistent-nucleus-0.4"),
+    smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=20_000, train_layers=2, batch_tokens=1024, lr=1e-4),
+    smol_decoders=("greedy", "consistent-nucleus-0.4"),
     sample_sets=2,
 )  # fmt: skip
 

@@ -65,6 +65,10 @@ def _model_rows(records: dict[str, dict]) -> list[str]:
     return rows
 
 
+def _training_minutes(records: dict[str, dict]) -> float:
+    return sum(r.get("train_seconds", 0.0) + r.get("finetune_seconds", 0.0) for r in records.values()) / 60
+
+
 def _pivot(cells: Sequence[CellResult]) -> list[str]:
     """r_L with models as rows, decoders as columns."""
     decoders = [d for d in DECODERS if any(c.decoder == d for c in cells)]
@@ -104,7 +108,9 @@ def markdown_report(
         f"Machine: {env['machine']}; torch {env['torch']} ({env['torch_threads']} threads), "
         f"transformers {env['transformers']}  ",
         f"Date: {env['date']}; this invocation's wall time {wall_seconds / 60:.1f} min "
-        "(cached models and cells are not recomputed)",
+        "(cached models and cells are not recomputed)  ",
+        f"Compute recorded in the cache: training / fine-tuning {_training_minutes(records):.1f} min, decoding "
+        f"{sum(c.seconds for c in cells) / 60:.1f} min (wall-clock sums; parallel processes overlap)",
         "",
         "r_L: share of continuations without eos within L generated tokens. Lengths count eos; an unfinished "
         "row counts L. Length ratio: mean generated length / mean reference continuation length. seq-rep-4 "
