@@ -43,6 +43,10 @@ class StepModel(Protocol):
 
     Attributes:
         vocab_size: size of the last dimension of the logits it returns.
+
+    Optional extras the library uses when present: ``is_encoder_decoder`` (True: output rows start with
+    a decoder start token, so length options count from 1 instead of the prompt length) and
+    ``uncached()`` (a step model that recomputes from the whole sequence, for ``use_cache=False``).
     """
 
     vocab_size: int
