@@ -7,6 +7,7 @@ generated, not rows x max_new_tokens. Selection is the only thing that differs b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -52,31 +53,49 @@ def _warp(scores: torch.Tensor, options: DecodeOptions, eos: torch.LongTensor | 
     return scores
 
 
-def _check_step(step: int, raw: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor) -> int:
-    """One host sync per step: raise on NaN logits or a row with no token left; return ``extra``."""
-    has_nan = torch.isnan(raw).any()
-    empty = ~(scores > float("-inf")).any(dim=-1).all()
-    has_nan, empty, value = torch.stack([has_nan.long(), empty.long(), extra.long()]).tolist()
-    if has_nan:
+def _check_step(step: int, raw_max: torch.Tensor, best: torch.Tensor, extra: torch.Tensor) -> int:
+    """One host sync per step: raise on NaN logits or a row with no token left; return ``extra``.
+
+    Args:
+        raw_max: ``[B]`` row maxima of the model's logits; NaN where a row holds a NaN (max propagates it).
+        best: ``[B]`` per row, a value that is ``> -inf`` exactly when the row still has a token to choose
+            (its best score, or its total probability mass).
+        extra: a scalar integer tensor to bring to the host in the same transfer.
+    """
+    values = torch.cat([raw_max.float(), best.float(), extra.reshape(1).float()]).tolist()
+    rows = len(values) // 2
+    if any(math.isnan(value) for value in values[:rows]):
         raise FloatingPointError(f"the model returned NaN logits at generation step {step}")
-    if empty:
+    if not all(value > float("-inf") for value in values[rows:-1]):
         raise RuntimeError(
             f"no token left to choose at generation step {step}: every token of some row has score -inf "
             "after the logits processors and truncation"
         )
-    return value
+    return int(values[-1])
 
 
-def _sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+def _sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
     """Draw one token per row by inverting the CDF with the row's own uniform number.
 
     Each row consumes exactly one number of a draw made for *all* rows of the batch, so which rows are
     still in the batch never changes what any row samples.
+
+    Returns:
+        ``(tokens [B], mass [B])``: the draws, and each row's total probability mass (1 up to rounding;
+        NaN when the row has no token left or NaN scores), for :func:`_check_step`.
     """
     probs = torch.softmax(scores.float(), dim=-1)
     cdf = probs.double().cumsum(dim=-1)                                   # [B, V]
     target = uniforms.double().unsqueeze(1) * cdf[:, -1:]                 # [B, 1], < total
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(scores.shape[-1] - 1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(scores.shape[-1] - 1)
+    return tokens, cdf[:, -1]
+
+
+def _is_eos(tokens: torch.LongTensor, eos: torch.LongTensor | None) -> torch.BoolTensor:
+    """``[*]`` whether each token is an eos token (one comparison when there is a single eos id)."""
+    if eos is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return tokens == eos if eos.numel() == 1 else torch.isin(tokens, eos)
 
 
 def _progress(total: int, enabled: bool) -> tqdm:
@@ -117,23 +136,26 @@ def sample_search(
 
     n_running = n_rows
     alive = None if options.drop_finished else torch.ones(n_rows, dtype=torch.bool, device=prefix.device)
+    prompt_index = torch.div(rows, expand, rounding_mode="floor")   # [n_active] recomputed when rows leave
     bar = _progress(max_new, progress)
     for step in range(max_new):
         cur_len = prefix_len + step
-        scores = _apply(processors, work[:, :cur_len], logits, torch.div(rows, expand, rounding_mode="floor"))
+        scores = _apply(processors, work[:, :cur_len], logits, prompt_index)
         if options.do_sample:
             scores = _warp(scores, options, eos)
             uniforms = torch.rand(n_rows, generator=options.generator, device=prefix.device)
-            tokens = _sample_rows(scores, uniforms[rows])
+            tokens, best = _sample_rows(scores, uniforms[rows])
         else:
-            tokens = scores.argmax(dim=-1)
+            best, tokens = scores.max(dim=-1)
+        # max propagates NaN: without processors or warpers the scores' maxima double as the NaN check
+        raw_max = best if scores is logits and not options.do_sample else logits.amax(dim=-1)
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
         work[:, cur_len] = tokens
-        done = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        done = _is_eos(tokens, eos)
         if alive is not None:
             done = done & alive
-        n_done = _check_step(step, logits, scores, done.sum())
+        n_done = _check_step(step, raw_max, best, done.sum())
         bar.update(1)
         if n_done:
             finished = done.nonzero().squeeze(1)
@@ -148,6 +170,7 @@ def sample_search(
             else:
                 keep = (~done).nonzero().squeeze(1)
                 rows, work, tokens = rows[keep], work[keep], tokens[keep]
+                prompt_index = torch.div(rows, expand, rounding_mode="floor")
                 state = model.select(state, keep)
         if step + 1 < max_new:
             logits, state = model.step(tokens, state)
@@ -244,7 +267,7 @@ def beam_search(
         parent, token = top_index // vocab, top_index % vocab
         cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
         cand_seq[:, :, cur_len] = token
-        hits = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+        hits = _is_eos(token, eos)
         if step + 1 >= max_new:
             hits = torch.ones_like(hits)
 
@@ -279,7 +302,8 @@ def beam_search(
         done = ~beams.open.squeeze(1) | hits.all(dim=-1)
         if options.early_stopping is True:
             done = done | beams.fin_flag.all(dim=-1)
-        n_done = _check_step(step, logits, log_probs, done.sum())
+        best = log_probs.amax(dim=-1)  # log_softmax spreads a NaN logit over its whole row
+        n_done = _check_step(step, best, best, done.sum())
         bar.update(1)
 
         rows = (run_parent + torch.arange(n_active, device=device)[:, None] * nb).view(-1)
