@@ -200,22 +200,40 @@ def load_lstm(checkpoint: str | None) -> Subject:
                    is_hf=False, encode=vocab.encode)
 
 
-def ct2_model_dir(subject: Subject) -> Path | None:
-    """Convert a transformers model to CTranslate2 fp32 once (cached outside the repo); None if impossible."""
+def ct2_model_dir(subject: Subject) -> tuple[Path | None, str]:
+    """Convert a transformers model to CTranslate2 fp32 once (cached outside the repo).
+
+    Returns:
+        ``(folder, note)``: the converted model, or None with the reason it cannot run.
+    """
     try:
         import ctranslate2  # noqa: F401
         from ctranslate2.converters import TransformersConverter
     except ImportError:
-        return None
+        return None, "ctranslate2 is not installed (pip install ctranslate2): column skipped"
     if subject.tokenizer is None:
-        return None
+        return None, f"{subject.name}: no tokenizer to convert with"
     target = CACHE / f"ct2-{subject.name}-fp32"
-    if not (target / "model.bin").exists():
-        with tempfile.TemporaryDirectory() as folder:
-            subject.model.save_pretrained(folder)
-            subject.tokenizer.save_pretrained(folder)
-            TransformersConverter(folder).convert(str(target), quantization="float32", force=True)
-    return target
+    try:
+        if not (target / "model.bin").exists():
+            with tempfile.TemporaryDirectory() as folder:
+                _plain_copy(subject.model).save_pretrained(folder)
+                subject.tokenizer.save_pretrained(folder)
+                TransformersConverter(folder).convert(str(target), quantization="float32", force=True)
+    except Exception as error:  # an optional column: report why and go on
+        return None, f"{subject.name}: CTranslate2 conversion failed: {error!r}"
+    return target, f"{subject.name}: converted to CTranslate2 float32 at {target}"
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a fresh model without the GGUF quantisation tag (which blocks save_pretrained)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
 
 
 # ----------------------------------------------------------------------------------- decoding contenders
@@ -545,10 +563,10 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(repeats=5, small_steps=64, large_steps=16, smollm2_prompts=32, smollm2_length=128,
-                 lstm_prompts=64, lstm_length=1000),
-    "quick": Plan(repeats=3, small_steps=32, large_steps=8, smollm2_prompts=32, smollm2_length=32,
-                  lstm_prompts=32, lstm_length=300),
+    "full": Plan(repeats=5, small_steps=48, large_steps=12, smollm2_prompts=32, smollm2_length=64,
+                 lstm_prompts=32, lstm_length=1000),
+    "quick": Plan(repeats=3, small_steps=24, large_steps=6, smollm2_prompts=32, smollm2_length=24,
+                  lstm_prompts=32, lstm_length=200),
 }
 
 
@@ -577,7 +595,8 @@ def load_subjects(names: list[str], args: argparse.Namespace) -> list[Subject]:
     smol = load_smollm2() if any(n in names for n in ("smollm2", "gpt2-small", "gpt2-tiny")) else None
     if "smollm2" in names:
         if not args.no_ctranslate2:
-            smol.ct2_dir = ct2_model_dir(smol)
+            smol.ct2_dir, note = ct2_model_dir(smol)
+            args.notes.append(note)
         subjects.append(smol)
     if "gpt2-small" in names:
         subjects.append(gpt2_config_model("GPT-2-small-config", n_embd=768, n_layer=12, n_head=12,
@@ -599,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    args.notes = []
     torch.set_num_threads(args.threads)
     plan = PLANS["quick" if args.quick else "full"]
     sections = set(args.sections.split(","))
@@ -627,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           batch_size=plan.batch_size))
             tqdm.write(json.dumps({k: workload[-1][k] for k in ("model", "strategy", "ratio_total", "identical")}))
     meta["loadavg_end"] = os.getloadavg()
+    meta["notes"] = args.notes
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "fixed_length": fixed, "workload": workload}
     (args.out / "speed.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
