@@ -133,6 +133,7 @@ class RunResult:
     settings: Settings
     records: dict[str, dict] = field(default_factory=dict)
     cells: list[CellResult] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # "model / decoder" cells selected but not in the cache
 
 
 def _say(message: str) -> None:
@@ -219,15 +220,20 @@ def run_benchmark(
     models: list[str],
     decoders: list[str],
     progress: bool = True,
+    compute: bool = True,
 ) -> RunResult:
-    """Train / fine-tune / decode whatever the cache lacks for ``models`` x ``decoders``; gather results."""
+    """Train / fine-tune / decode whatever the cache lacks for ``models`` x ``decoders``; gather results.
+
+    ``compute=False`` only gathers what the cache holds (``missing`` then lists the cells not run).
+    """
     root = Path(cache_dir) / cache_key(settings)
     (root / "cells").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
     (root / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
     smol_decoders = [d for d in decoders if d in settings.smol_decoders]
-    _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress)
-    if smol_decoders and any(name in models for name in smol_names(settings)):
+    if compute:
+        _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress)
+    if compute and smol_decoders and any(name in models for name in smol_names(settings)):
         _run_smollm2(settings, models, smol_decoders, root=root, data_dir=data_dir, progress=progress)
     result = RunResult(settings)
     smol = smol_names(settings)
@@ -239,6 +245,8 @@ def run_benchmark(
             cell = load_cell(root / "cells" / f"{name}__{decoder}.json")
             if cell is not None:
                 result.cells.append(cell)
+            else:
+                result.missing.append(f"{name} / {decoder}")
     return result
 
 
@@ -288,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoders", default=None, help="comma-separated decoder names or globs (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and decode nothing: write the report from the cached results")
     parser.add_argument("--list", action="store_true", help="print the model and decoder names and exit")
     return parser
 
@@ -314,12 +324,15 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         parser.error(str(error))
     start = time.perf_counter()
     result = run_benchmark(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
-                           models=models, decoders=decoders, progress=not args.no_progress)  # fmt: skip
+                           models=models, decoders=decoders, progress=not args.no_progress,
+                           compute=not args.report_only)  # fmt: skip
     wall = time.perf_counter() - start
     command = "python -m benchmarks.nontermination " + shlex.join(argv if argv is not None else sys.argv[1:])
     env = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     records = _with_bounds(settings, result.records)
     notes = notes_for(settings, quick=args.quick)
+    if result.missing:
+        notes.append(f"Not run (not in the cache when this report was written): {', '.join(result.missing)}.")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
