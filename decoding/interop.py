@@ -63,12 +63,16 @@ def custom_generate(
     step_model = hf_step_model(model)
     prompts = input_ids[::expand]
     is_encoder_decoder = bool(model.config.is_encoder_decoder)
+    kept = [p for p in logits_processor or [] if not isinstance(p, _WARPERS)]
+    processors = [_user_processor(p) for p in kept]
+    # transformers' repetition penalty holds one row per expanded input (its prompt padding): the batch
+    # must keep its rows, so finished rows stay in it here, fed with pad, as in transformers' own loop.
+    per_row = any(isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor) for p in kept)
     options = resolve_options(
         model, prefix_length=prompts.shape[1], vocab_size=step_model.vocab_size,
         is_encoder_decoder=is_encoder_decoder, kwargs={}, generation_config=generation_config,
-        consistent=consistent, generator=generator,
+        consistent=consistent, generator=generator, drop_finished=not per_row,
     )
-    processors = [_user_processor(p) for p in logits_processor or [] if not isinstance(p, _WARPERS)]
 
     if is_encoder_decoder:
         assert isinstance(step_model, Seq2SeqStepModel)

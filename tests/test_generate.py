@@ -245,3 +245,13 @@ def test_models_with_the_old_past_key_values_name_work():
     for options in ({}, {"num_beams": 3}):
         assert torch.equal(generate(legacy, ids, mask, max_new_tokens=MAX_NEW, **options),
                            generate(model, ids, mask, max_new_tokens=MAX_NEW, **options))
+
+
+@pytest.mark.parametrize("options", [{}, {"num_beams": 2}])
+def test_custom_generate_with_transformers_repetition_penalty_on_padded_prompts(options):
+    model = tiny_model("gpt2")
+    ids, mask = _inputs("gpt2")
+    kwargs = dict(attention_mask=mask, max_new_tokens=MAX_NEW, repetition_penalty=1.5, **options)
+    expected = model.generate(ids, **kwargs)
+    ours = model.generate(ids, custom_generate=custom_generate, **kwargs)
+    assert torch.equal(after_eos_as_pad(ours, ids.shape[1], PAD), after_eos_as_pad(expected, ids.shape[1], PAD))
