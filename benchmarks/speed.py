@@ -23,7 +23,9 @@ Peak resident memory (the kernel's ``VmHWM``, reset before every run) is recorde
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import inspect
 import json
 import os
@@ -78,23 +80,37 @@ def _rss_mb(field_name: str) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the OS (glibc ``malloc_trim``), so that a
+    run's peak RSS is not hidden by memory an earlier run freed but the process kept."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Run:
     """One timed call."""
 
     wall_s: float
     cpu_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float       # the process's peak RSS during the call
+    extra_rss_mb: float      # that peak minus the RSS just before the call: what the call itself added
     output: Any = field(repr=False, default=None)
 
 
 def timed(fn: Callable[[], Any]) -> Run:
     """Call ``fn`` once and record wall time, process CPU time and peak RSS during the call."""
+    _release_free_memory()
+    before = _rss_mb("VmRSS")
     _peak_rss_reset()
     wall, cpu = time.perf_counter(), time.process_time()
     output = fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return Run(wall_s=wall, cpu_s=cpu, peak_rss_mb=_rss_mb("VmHWM"), output=output)
+    peak = _rss_mb("VmHWM")
+    return Run(wall_s=wall, cpu_s=cpu, peak_rss_mb=peak, extra_rss_mb=peak - before, output=output)
 
 
 def alternate(contenders: dict[str, Callable[[], Any]], *, repeats: int, start: int = 0) -> dict[str, list[Run]]:
@@ -116,7 +132,8 @@ def summary(runs: Sequence[Run], *, per: float = 1.0) -> dict[str, float]:
     return {
         "wall_median": statistics.median(walls), "wall_min": min(walls), "wall_max": max(walls),
         "cpu_median": statistics.median(cpus), "cpu_min": min(cpus), "cpu_max": max(cpus),
-        "peak_rss_mb": max(r.peak_rss_mb for r in runs), "repeats": len(runs),
+        "peak_rss_mb": max(r.peak_rss_mb for r in runs), "extra_rss_mb": max(r.extra_rss_mb for r in runs),
+        "repeats": len(runs),
     }
 
 
@@ -406,45 +423,55 @@ def workload_contenders(subject: Subject, input_ids: torch.LongTensor, mask: tor
     return contenders
 
 
-def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, max_new: int,
-                  batch_size: int) -> dict[str, Any]:
-    """Decode all prompts in batches, contenders alternating batch by batch; totals and per-batch ratios."""
+def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, max_new: int, batch_size: int,
+                  repeats: int) -> dict[str, Any]:
+    """Decode all prompts in batches, contenders alternating within each batch (``repeats`` rounds, median
+    time per batch); totals over batches and per-batch ratios."""
     from benchmarks.data import prompt_batch
 
     baseline = "transformers" if subject.is_hf else "ours-keep-finished"
+    sampling = bool(WORKLOAD_STRATEGIES[strategy].get("do_sample"))
     totals: dict[str, dict[str, float]] = {}
     batch_ratios: list[dict[str, float]] = []
-    identical = True
+    identical, row_steps = True, 0
     load = os.getloadavg()[0]
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         ids = [subject.encode(words) for words in prompts[start:start + batch_size]]
         input_ids, mask = prompt_batch(ids, pad_id=subject.pad_token_id)
         runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=index),
-                         repeats=1, start=index)
+                         repeats=repeats, start=index)
         prefix = input_ids.shape[1]
-        for name, (run,) in runs.items():
-            tokens, stopped = generated_stats(run.output, prefix, subject.eos_token_id)
+        medians = {name: summary(name_runs) for name, name_runs in runs.items()}
+        for name, name_runs in runs.items():
+            tokens, stopped = generated_stats(name_runs[0].output, prefix, subject.eos_token_id)
             total = totals.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "tokens": 0, "rows": 0, "stopped": 0,
-                                             "peak_rss_mb": 0.0})
-            total["wall_s"] += run.wall_s
-            total["cpu_s"] += run.cpu_s
+                                             "peak_rss_mb": 0.0, "extra_rss_mb": 0.0})
+            total["wall_s"] += medians[name]["wall_median"]
+            total["cpu_s"] += medians[name]["cpu_median"]
             total["tokens"] += tokens
             total["rows"] += input_ids.shape[0]
             total["stopped"] += stopped
-            total["peak_rss_mb"] = max(total["peak_rss_mb"], run.peak_rss_mb)
-        batch_ratios.append({"wall": runs["ours"][0].wall_s / runs[baseline][0].wall_s,
-                             "cpu": runs["ours"][0].cpu_s / runs[baseline][0].cpu_s})
-        if not WORKLOAD_STRATEGIES[strategy].get("do_sample") or not subject.is_hf:
+            total["peak_rss_mb"] = max(total["peak_rss_mb"], medians[name]["peak_rss_mb"])
+            total["extra_rss_mb"] = max(total["extra_rss_mb"], medians[name]["extra_rss_mb"])
+        baseline_output = runs[baseline][0].output
+        row_steps += baseline_output.shape[0] * (baseline_output.shape[1] - prefix)
+        batch_ratios.append({key: medians["ours"][f"{key}_median"] / medians[baseline][f"{key}_median"]
+                             for key in ("wall", "cpu")})
+        if not sampling or not subject.is_hf:
             a, b = (normalise(runs[n][0].output, prefix, subject.eos_token_id, subject.pad_token_id)
                     for n in ("ours", baseline))
             identical = identical and a.shape == b.shape and bool(torch.equal(a, b))
     for total in totals.values():
         total["tokens_per_s"] = total["tokens"] / total["wall_s"]
         total["stopped_share"] = total["stopped"] / total["rows"]
-    comparable = not WORKLOAD_STRATEGIES[strategy].get("do_sample") or not subject.is_hf
+    comparable = not sampling or not subject.is_hf
     return {
         "model": subject.name, "strategy": strategy, "prompts": len(prompts), "batch_size": batch_size,
-        "max_new_tokens": max_new, "baseline": baseline, "loadavg_1min": load, "totals": totals,
+        "max_new_tokens": max_new, "repeats": repeats, "baseline": baseline, "loadavg_1min": load,
+        "totals": totals,
+        # the ratio if a step cost were proportional to the rows in it: ours' tokens over the baseline's
+        # rows x steps (beam search: its rows are prompts, each step costs num_beams rows)
+        "row_step_share": totals["ours"]["tokens"] / row_steps,
         "ratio_total": {"wall": totals["ours"]["wall_s"] / totals[baseline]["wall_s"],
                         "cpu": totals["ours"]["cpu_s"] / totals[baseline]["cpu_s"]},
         "ratio_per_batch": {key: {"median": statistics.median(r[key] for r in batch_ratios),
@@ -509,7 +536,7 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
         "ms per decoding step, median (min..max) over alternating repeats; ratio = ours / other on the medians "
         "(< 1: ours faster); same = identical tokens.", "",
         "| model | strategy | batch | contender | wall ms/step | CPU ms/step | ratio wall | ratio CPU | same | "
-        "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in fixed:
         for name, stats in cell["ms_per_step"].items():
@@ -519,29 +546,32 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
                 f"| {cell['model']} | {cell['strategy']} | {cell['batch']} | {name} | {_spread(stats, 'wall')} | "
                 f"{_spread(stats, 'cpu')} | {_number(ratio, 'wall')} | {_number(ratio, 'cpu')} | "
                 f"{'' if same is None else same} | "
-                f"{stats['peak_rss_mb']:.0f} |")
+                f"{stats['peak_rss_mb']:.0f} (+{stats['extra_rss_mb']:.0f}) |")
     lines += [
         "", "## 2. Non-termination workload (WikiText-2 test prompts, first 10 words)", "",
         "Totals over all batches; ratio = ours / baseline on total time, and the per-batch ratio median "
         "(min..max). The LSTM baseline is our own loop with drop_finished=False (it has no model.generate).", "",
         "| model | strategy | prompts x L | contender | wall s | CPU s | tokens | tokens/s | stopped | "
-        "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in workload:
         for name, total in cell["totals"].items():
             lines.append(
                 f"| {cell['model']} | {cell['strategy']} | {cell['prompts']} x {cell['max_new_tokens']} | {name} | "
                 f"{total['wall_s']:.1f} | {total['cpu_s']:.1f} | {total['tokens']} | {total['tokens_per_s']:.1f} | "
-                f"{total['stopped_share']:.0%} | {total['peak_rss_mb']:.0f} |")
-    lines += ["", "| model | strategy | baseline | ratio wall (total) | ratio CPU (total) | per-batch wall | "
-              "per-batch CPU | identical tokens |", "|---|---|---|---|---|---|---|---|"]
+                f"{total['stopped_share']:.0%} | {total['peak_rss_mb']:.0f} (+{total['extra_rss_mb']:.0f}) |")
+    lines += ["", "Row-step share: our generated tokens over the baseline's rows x steps, the time ratio a decoder "
+              "whose step cost is proportional to its rows would reach.", "",
+              "| model | strategy | baseline | ratio wall (total) | ratio CPU (total) | per-batch wall | "
+              "per-batch CPU | row-step share | identical tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for cell in workload:
         per = cell["ratio_per_batch"]
         lines.append(
             f"| {cell['model']} | {cell['strategy']} | {cell['baseline']} | {cell['ratio_total']['wall']:.2f} | "
             f"{cell['ratio_total']['cpu']:.2f} | {per['wall']['median']:.2f} ({per['wall']['min']:.2f}.."
             f"{per['wall']['max']:.2f}) | {per['cpu']['median']:.2f} ({per['cpu']['min']:.2f}..{per['cpu']['max']:.2f})"
-            f" | {'n/a (sampling, different RNG)' if cell['identical'] is None else cell['identical']} |")
+            f" | {cell['row_step_share']:.2f} | "
+            f"{'n/a (sampling, different RNG)' if cell['identical'] is None else cell['identical']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -559,14 +589,15 @@ class Plan:
     smollm2_length: int
     lstm_prompts: int
     lstm_length: int
+    smollm2_repeats: int = 2    # alternating rounds per workload batch (the LSTM's gaps are wide: 1)
     batch_size: int = 32
 
 
 PLANS = {
-    "full": Plan(repeats=5, small_steps=48, large_steps=12, smollm2_prompts=32, smollm2_length=64,
+    "full": Plan(repeats=5, small_steps=48, large_steps=12, smollm2_prompts=32, smollm2_length=48,
                  lstm_prompts=32, lstm_length=1000),
     "quick": Plan(repeats=3, small_steps=24, large_steps=6, smollm2_prompts=32, smollm2_length=24,
-                  lstm_prompts=32, lstm_length=200),
+                  lstm_prompts=32, lstm_length=200, smollm2_repeats=1),
 }
 
 
@@ -644,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             count = args.workload_prompts or (plan.lstm_prompts if is_lstm else plan.smollm2_prompts)
             length = args.workload_length or (plan.lstm_length if is_lstm else plan.smollm2_length)
             workload.append(workload_cell(subject, wikitext_prompts(count), strategy=strategy, max_new=length,
-                                          batch_size=plan.batch_size))
+                                          batch_size=plan.batch_size, repeats=1 if is_lstm else plan.smollm2_repeats))
             tqdm.write(json.dumps({k: workload[-1][k] for k in ("model", "strategy", "ratio_total", "identical")}))
     meta["loadavg_end"] = os.getloadavg()
     meta["notes"] = args.notes
