@@ -277,7 +277,7 @@ def _cell(values: list[float]) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    text = f"{mean:.3g}" if abs(mean) < 10 else f"{mean:.1f}"
+    text = f"{mean:.3g}" if abs(mean) < 10 else f"{mean:.1f}" if abs(mean) < 100 else f"{mean:.0f}"
     if len(values) > 1:
         sd = statistics.stdev(values)
         text += f" ± {sd:.2g}" if abs(sd) < 10 else f" ± {sd:.0f}"
@@ -436,13 +436,24 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
+MGS_LOGS = ("cost_before", "cost_expected", "weight_mle", "cosine_mle", "ess")
+
+
 def update_time_notes(runs: list[dict]) -> list[str]:
     per_method = {m: [r["seconds_per_update"] for r in runs if r["method"] == m] for m in METHODS}
+    notes = []
     if per_method["mgs"] and per_method["mle"]:
         ratio = statistics.fmean(per_method["mgs"]) / statistics.fmean(per_method["mle"])
-        return [f"MGS / MLE update-time ratio: {ratio:.1f} (K = 4 candidates: K + 1 batched greedy decodes "
-                "plus one MLE forward/backward per MGS update)."]
-    return []
+        notes.append(f"MGS / MLE update-time ratio: {ratio:.1f} (K + 1 batched greedy decodes plus one MLE "
+                     "forward/backward per MGS update).")
+    intervals = [h for r in runs if r["method"] == "mgs" for h in r["history"] if "ess" in h]
+    if intervals:
+        means = {key: statistics.fmean(h[key] for h in intervals) for key in MGS_LOGS}
+        notes.append("MGS diagnostics (mean over updates): cost before the update C(θ) "
+                     f"{means['cost_before']:.3f}, importance-weighted candidate cost {means['cost_expected']:.3f}, "
+                     f"weight on MLE-centred candidates {means['weight_mle']:.2f}, cosine(Δ*, g) "
+                     f"{means['cosine_mle']:.2f}, effective sample size {means['ess']:.2f} of K.")
+    return notes
 
 
 if __name__ == "__main__":
