@@ -178,8 +178,8 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
         return result
     validator = _Validator(model, validate, config, directory)
     validator.last_seconds = result.train_seconds
-    save = (lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result)
-            if state_path is not None else None)
+    save = None if state_path is None else (
+        lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result))
     if config.validate_at_start and validate is not None and result.updates == 0 and not result.history:
         validator.run(result)
     bar = tqdm(total=config.max_updates, initial=result.updates, disable=not config.progress,
