@@ -269,7 +269,7 @@ def notes_for(settings: Settings, *, quick: bool) -> list[str]:
         f"{words.lstm_hidden} (LSTM) x {words.layers} layers; training tokens per epoch "
         f"{words.train_tokens or 'all'}; at most {words.epochs} epochs, patience {words.patience}.",
         f"SmolLM2: WikiText-2 test lines, first 10 SmolLM2 tokens = context; {smol.prompts} prompts; fine-tunes "
-        f"train the top {smol.train_layers} of 30 layers + final norm on {smol.finetune_tokens:,} train-line "
+        f"train the top {smol.train_layers} of 30 layers, the final norm and the eos row of the output layer on {smol.finetune_tokens:,} train-line "
         f"tokens (lines ending in eos), ST/NMST eps = {format_epsilon(smol.epsilon)}; perplexity on "
         f"{smol.eval_lines} test lines' continuations.",
         f"L = {settings.word_max_new_tokens} (RNN/LSTM) and {settings.smol_max_new_tokens} (SmolLM2), never "
