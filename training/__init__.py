@@ -18,6 +18,7 @@ from .costs import COSTS, Decoded, get_cost
 from .data import Batch, EncodedParallel, ParallelText, encode_parallel, epoch_batches, make_batch, read_parallel
 from .decode import Hypotheses, decode
 from .evaluate import TranslationScores, Translations, score_translations, translate
+from .lm import collate_lm_batch, evaluate_perplexity, train_lm
 from .loop import LoopConfig, TrainResult, load_best, train
 from .losses import MovingAverageBaseline, length_normalised, mle_loss, mrt_loss, pg_loss, teacher_forced_logprobs
 from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, log_proposal_density
@@ -34,6 +35,7 @@ __all__ = [
     "Hypotheses", "decode",
     "TranslationScores", "Translations", "score_translations", "translate",
     "LoopConfig", "TrainResult", "load_best", "train",
+    "collate_lm_batch", "evaluate_perplexity", "train_lm",
     "MovingAverageBaseline", "length_normalised", "mle_loss", "mrt_loss", "pg_loss", "teacher_forced_logprobs",
     "MGSConfig", "MGSStep", "candidate_costs", "importance_log_weights", "log_proposal_density",
     "Seq2SeqSize", "build_seq2seq", "load_seq2seq", "save_seq2seq",
