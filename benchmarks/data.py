@@ -62,9 +62,7 @@ __all__ = [
     "load_multi30k",
     "split_context",
     "PromptBatch",
-    "LMBatch",
     "prompt_batch",
-    "lm_batch",
 ]
 
 DATA_ENV = "CONSISTENT_DECODING_DATA"
@@ -559,14 +557,6 @@ class PromptBatch(NamedTuple):
     attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
 
 
-class LMBatch(NamedTuple):
-    """Right-padded sequences for training or scoring a language model."""
-
-    input_ids: torch.Tensor  # [B, T] long, padding on the right
-    attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
-    context_mask: torch.Tensor  # [B, T] bool, True on each row's first context_len real tokens
-
-
 def _check_rows(rows: Sequence[Sequence[int]], name: str) -> None:
     if not rows:
         raise ValueError(f"{name} is empty")
@@ -585,25 +575,6 @@ def prompt_batch(prompts: Sequence[Sequence[int]], *, pad_id: int) -> PromptBatc
         input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
         attention_mask[row, width - len(prompt) :] = 1
     return PromptBatch(input_ids, attention_mask)
-
-
-def lm_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, context_len: int = 0) -> LMBatch:
-    """Right-pad token-id sequences to one ``[B, T]`` batch and mark the context positions.
-
-    The loss or perplexity over reference continuations uses targets ``input_ids[:, 1:]`` where
-    ``attention_mask[:, 1:] == 1`` and ``~context_mask[:, 1:]``.
-    """
-    _check_rows(sequences, "sequences")
-    if context_len < 0:
-        raise ValueError(f"context_len must be >= 0, got {context_len}")
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    context_mask = (torch.arange(width) < context_len).unsqueeze(0) & attention_mask.bool()
-    return LMBatch(input_ids, attention_mask, context_mask)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

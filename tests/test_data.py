@@ -27,7 +27,6 @@ from benchmarks.data import (
     Vocabulary,
     add_data_arguments,
     default_cache_dir,
-    lm_batch,
     load_multi30k,
     load_wikitext,
     locate_dataset,
@@ -330,14 +329,3 @@ def test_prompt_batch_left_pads():
         prompt_batch([[5], []], pad_id=0)
     with pytest.raises(ValueError, match="prompts is empty"):
         prompt_batch([], pad_id=0)
-
-
-def test_lm_batch_right_pads_and_marks_context():
-    batch = lm_batch([[5, 6, 7, 2], [8, 2]], pad_id=0, context_len=3)
-    assert torch.equal(batch.input_ids, torch.tensor([[5, 6, 7, 2], [8, 2, 0, 0]]))
-    assert torch.equal(batch.attention_mask, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
-    expected_context = torch.tensor([[True, True, True, False], [True, True, False, False]])
-    assert torch.equal(batch.context_mask, expected_context)
-    assert not lm_batch([[5, 6]], pad_id=0).context_mask.any()
-    with pytest.raises(ValueError, match="context_len must be >= 0"):
-        lm_batch([[5]], pad_id=0, context_len=-1)
