@@ -14,7 +14,7 @@ from .options import DecodeOptions, resolve_options
 from .protocol import StepModel, as_step_model
 from .search import Processor, SearchResult, beam_search, sample_search
 
-__all__ = ["generate", "GenerateOutput", "build_processors"]
+__all__ = ["generate", "GenerateOutput", "build_processors", "decode_prefilled"]
 
 
 @dataclass
@@ -196,6 +196,15 @@ def generate(
                                   device=input_ids.device)
 
     logits, state, prefix = step_model.prefill(input_ids, attention_mask)
+    return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors,
+                            progress=progress)
+
+
+def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
+                     options: DecodeOptions, processors: Sequence[Processor],
+                     progress: bool = False) -> torch.LongTensor | GenerateOutput:
+    """Run the search the options ask for from a prefilled state and shape the result as ``generate``
+    returns it (the sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``)."""
     search = beam_search if options.is_beam_search else sample_search
     result: SearchResult = search(step_model, logits, state, prefix, options=options, processors=processors,
                                   progress=progress)

@@ -21,9 +21,8 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .adapters import Seq2SeqStepModel, hf_step_model
-from .generate import GenerateOutput, _user_processor
+from .generate import GenerateOutput, _user_processor, decode_prefilled
 from .options import resolve_options
-from .search import beam_search, sample_search
 
 __all__ = ["custom_generate"]
 
@@ -85,9 +84,4 @@ def custom_generate(
         mask = model_kwargs.get("attention_mask")
         mask = torch.ones_like(prompts) if mask is None else mask[::expand]
         logits, state, prefix = step_model.prefill(prompts, mask)
-    search = beam_search if options.is_beam_search else sample_search
-    result = search(step_model, logits, state, prefix, options=options, processors=processors)
-    if not options.return_dict_in_generate:
-        return result.sequences
-    return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
-                          sequences_scores=result.scores)
+    return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors)
