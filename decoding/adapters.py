@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from .kv_cache import reserve_cache
+
 __all__ = ["CausalLMStepModel", "Seq2SeqStepModel", "hf_step_model"]
 
 
@@ -59,9 +61,10 @@ class _CausalState:
 class CausalLMStepModel:
     """A decoder-only transformers model (GPT-2, Llama, ...) as a :class:`~decoding.protocol.StepModel`."""
 
-    def __init__(self, model: torch.nn.Module, *, use_cache: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, *, use_cache: bool = True, reserve: int = 0) -> None:
         self.model = model
         self.use_cache = use_cache
+        self.reserve = reserve
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._cache_kw = _cache_argument(model)
         parameters = inspect.signature(model.forward).parameters
@@ -71,6 +74,11 @@ class CausalLMStepModel:
     def uncached(self) -> "CausalLMStepModel":
         """The same model recomputing the whole sequence at every step (to check caches against)."""
         return CausalLMStepModel(self.model, use_cache=False)
+
+    def reserving(self, new_tokens: int) -> "CausalLMStepModel":
+        """The same model with KV-cache room reserved for ``new_tokens`` decoded tokens (see
+        :mod:`decoding.kv_cache`; a longer decode still works, growing the cache)."""
+        return CausalLMStepModel(self.model, use_cache=self.use_cache, reserve=new_tokens)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -89,6 +97,8 @@ class CausalLMStepModel:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
         mask = None if bool((attention_mask == 1).all()) else attention_mask
         logits, cache = self._forward(input_ids, mask, position_ids, None)
+        if self.use_cache:
+            cache = reserve_cache(cache, self.reserve)
         state = _CausalState(cache=cache, attention_mask=mask, next_position=position_ids[:, -1] + 1)
         if not self.use_cache:
             state = replace(state, cache=None, tokens=input_ids, positions=position_ids)
@@ -133,13 +143,20 @@ class Seq2SeqStepModel:
 
     is_encoder_decoder = True
 
-    def __init__(self, model: torch.nn.Module, *, decoder_start_token_id: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, decoder_start_token_id: int | None = None,
+                 reserve: int = 0) -> None:
         self.model = model
+        self.reserve = reserve
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._cache_kw = _cache_argument(model)
         if decoder_start_token_id is None:
             decoder_start_token_id = _decoder_start_token_id(model)
         self.decoder_start_token_id = decoder_start_token_id
+
+    def reserving(self, new_tokens: int) -> "Seq2SeqStepModel":
+        """The same model with decoder KV-cache room reserved for ``new_tokens`` decoded tokens."""
+        return Seq2SeqStepModel(self.model, decoder_start_token_id=self.decoder_start_token_id,
+                                reserve=new_tokens)
 
     def _decode(self, decoder_input_ids, state: _Seq2SeqState):
         kwargs: dict[str, Any] = {
@@ -167,6 +184,7 @@ class Seq2SeqStepModel:
         ``encoder_mask [B, S]``, ``decoder_input_ids [B, P]``."""
         logits, state = self._decode(decoder_input_ids, _Seq2SeqState(cache=None, encoder_hidden=encoder_hidden,
                                                                       encoder_mask=encoder_mask))
+        state = replace(state, cache=reserve_cache(state.cache, self.reserve))
         return logits, state, decoder_input_ids
 
     @torch.no_grad()

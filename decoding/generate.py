@@ -191,6 +191,8 @@ def generate(
     )
     if not options.use_cache:
         step_model = _uncached(step_model)
+    elif hasattr(step_model, "reserving"):
+        step_model = step_model.reserving(options.max_new_tokens)
     padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
     processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding,
                                   device=input_ids.device)

@@ -72,6 +72,7 @@ def custom_generate(
         is_encoder_decoder=is_encoder_decoder, kwargs={}, generation_config=generation_config,
         consistent=consistent, generator=generator, drop_finished=not per_row,
     )
+    step_model = step_model.reserving(options.max_new_tokens)
 
     if is_encoder_decoder:
         assert isinstance(step_model, Seq2SeqStepModel)
