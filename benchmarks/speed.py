@@ -420,6 +420,13 @@ def workload_contenders(subject: Subject, input_ids: torch.LongTensor, mask: tor
         contenders = {"ours-keep-finished": ours(drop_finished=False), "ours": ours()}
     if options.get("do_sample"):
         contenders["ours-consistent"] = ours(consistent=True)
+        if subject.is_hf:  # the same consistent sampler inside transformers' loop, which keeps finished rows
+            from decoding.processors import ConsistentTopPLogitsWarper
+
+            warper = ConsistentTopPLogitsWarper(options["top_p"], subject.eos_token_id)
+            plain = dict(options, top_p=1.0, top_k=0)
+            contenders["transformers-consistent"] = lambda: model.generate(
+                input_ids, attention_mask=mask, logits_processor=[warper], **plain)
     return contenders
 
 
@@ -474,6 +481,10 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
         "row_step_share": totals["ours"]["tokens"] / row_steps,
         "ratio_total": {"wall": totals["ours"]["wall_s"] / totals[baseline]["wall_s"],
                         "cpu": totals["ours"]["cpu_s"] / totals[baseline]["cpu_s"]},
+        # consistent sampling: ours against the same warper inside model.generate (different RNG streams)
+        "ratio_consistent": None if "transformers-consistent" not in totals else {
+            key: totals["ours-consistent"][f"{key}_s"] / totals["transformers-consistent"][f"{key}_s"]
+            for key in ("wall", "cpu")},
         "ratio_per_batch": {key: {"median": statistics.median(r[key] for r in batch_ratios),
                                   "min": min(r[key] for r in batch_ratios),
                                   "max": max(r[key] for r in batch_ratios)} for key in ("wall", "cpu")},
@@ -572,6 +583,12 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
             f"{per['wall']['max']:.2f}) | {per['cpu']['median']:.2f} ({per['cpu']['min']:.2f}..{per['cpu']['max']:.2f})"
             f" | {cell['row_step_share']:.2f} | "
             f"{'n/a (sampling, different RNG)' if cell['identical'] is None else cell['identical']} |")
+        consistent = cell.get("ratio_consistent")
+        if consistent is not None:
+            lines.append(
+                f"| {cell['model']} | consistent-{cell['strategy']} | transformers-consistent | "
+                f"{consistent['wall']:.2f} | {consistent['cpu']:.2f} | | | | "
+                "n/a (sampling, different RNG) |")
     return "\n".join(lines) + "\n"
 
 
@@ -580,13 +597,14 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to run: the full plan fits ~25 minutes on 2 shared cores, --quick ~8."""
+    """How much to run: the full plan takes ~40 minutes on 2 idle cores, --quick ~8."""
 
     repeats: int
     small_steps: int            # new tokens per fixed-length run, tiny GPT-2 and LSTM
     large_steps: int            # ... SmolLM2 and GPT-2 small
-    smollm2_prompts: int
+    smollm2_prompts: int        # workload prompts, greedy and nucleus
     smollm2_length: int
+    smollm2_beam_prompts: int   # ... beam 4 (each prompt is 4 rows)
     lstm_prompts: int
     lstm_length: int
     smollm2_repeats: int = 2    # alternating rounds per workload batch (the LSTM's gaps are wide: 1)
@@ -594,10 +612,10 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(repeats=5, small_steps=48, large_steps=12, smollm2_prompts=32, smollm2_length=48,
-                 lstm_prompts=32, lstm_length=1000),
+    "full": Plan(repeats=3, small_steps=48, large_steps=12, smollm2_prompts=16, smollm2_length=1000,
+                 smollm2_beam_prompts=4, lstm_prompts=64, lstm_length=1000, smollm2_repeats=1),
     "quick": Plan(repeats=3, small_steps=24, large_steps=6, smollm2_prompts=32, smollm2_length=24,
-                  lstm_prompts=32, lstm_length=200, smollm2_repeats=1),
+                  smollm2_beam_prompts=8, lstm_prompts=32, lstm_length=200, smollm2_repeats=1),
 }
 
 
@@ -672,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for strategy in WORKLOAD_STRATEGIES]
         for subject, strategy in tqdm(jobs, desc="workload cells"):
             is_lstm = not subject.is_hf
-            count = args.workload_prompts or (plan.lstm_prompts if is_lstm else plan.smollm2_prompts)
+            smol_count = plan.smollm2_beam_prompts if strategy == "beam4" else plan.smollm2_prompts
+            count = args.workload_prompts or (plan.lstm_prompts if is_lstm else smol_count)
             length = args.workload_length or (plan.lstm_length if is_lstm else plan.smollm2_length)
             workload.append(workload_cell(subject, wikitext_prompts(count), strategy=strategy, max_new=length,
                                           batch_size=plan.batch_size, repeats=1 if is_lstm else plan.smollm2_repeats))

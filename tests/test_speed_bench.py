@@ -1,0 +1,36 @@
+"""benchmarks.speed's workload cell on a tiny model: contenders, identical-token checks, ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.speed import Subject, markdown, workload_cell
+from tests.tiny_models import EOS, PAD, VOCAB, tiny_model
+
+
+def _subject() -> Subject:
+    return Subject(name="tiny-gpt2", model=tiny_model("gpt2"), eos_token_id=EOS, pad_token_id=PAD, is_hf=True,
+                   encode=lambda words: [3 + (sum(map(ord, word)) % (VOCAB - 3)) for word in words])
+
+
+PROMPTS = [f"w{i} x{i * 7} y{i % 3} z".split()[: 2 + i % 3] for i in range(6)]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam4"])
+def test_workload_search_matches_transformers(strategy):
+    cell = workload_cell(_subject(), PROMPTS, strategy=strategy, max_new=12, batch_size=4, repeats=1)
+    assert cell["identical"] is True
+    assert set(cell["totals"]) == {"transformers", "ours"}
+    assert cell["totals"]["ours"]["rows"] == len(PROMPTS)
+    assert cell["ratio_consistent"] is None
+    assert 0 < cell["row_step_share"] <= 1
+
+
+def test_workload_sampling_times_the_consistent_sampler_in_both_loops():
+    cell = workload_cell(_subject(), PROMPTS, strategy="nucleus0.4", max_new=12, batch_size=4, repeats=1)
+    assert set(cell["totals"]) == {"transformers", "ours", "ours-consistent", "transformers-consistent"}
+    assert cell["identical"] is None  # different random streams: not comparable token for token
+    assert set(cell["ratio_consistent"]) == {"wall", "cpu"}
+    meta = {"command": "x", "commit": "c", "date": "d", "machine": "m", "torch_threads": 1,
+            "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t", "ctranslate2": None}
+    assert "consistent-nucleus0.4 | transformers-consistent" in markdown(meta, [], [cell])
