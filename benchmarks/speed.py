@@ -627,12 +627,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default="fixed,workload", help="comma list of: fixed, workload")
     parser.add_argument("--models", default="smollm2,gpt2-small,gpt2-tiny,lstm",
                         help="comma list of: smollm2, gpt2-small, gpt2-tiny, lstm")
+    parser.add_argument("--strategies", default=",".join(WORKLOAD_STRATEGIES),
+                        help="comma list of workload strategies: greedy, nucleus0.4, beam4")
     parser.add_argument("--workload-prompts", type=int, help="override the number of workload prompts (spec: 256)")
     parser.add_argument("--workload-length", type=int, help="override max_new_tokens of the workload (spec: 1000)")
     parser.add_argument("--lstm-checkpoint", help="a trained LSTM (save_recurrent_lm file) instead of random weights")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 column")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for speed.md and speed.json")
     args = parser.parse_args(argv)
+    unknown = set(args.strategies.split(",")) - set(WORKLOAD_STRATEGIES)
+    if unknown:
+        parser.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(WORKLOAD_STRATEGIES)}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -687,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workload: list[dict[str, Any]] = []
     if "workload" in sections:
         jobs = [(s, strategy) for s in subjects if s.name in ("SmolLM2-135M", "LSTM-LM")
-                for strategy in WORKLOAD_STRATEGIES]
+                for strategy in WORKLOAD_STRATEGIES if strategy in args.strategies.split(",")]
         for subject, strategy in tqdm(jobs, desc="workload cells"):
             is_lstm = not subject.is_hf
             smol_count = plan.smollm2_beam_prompts if strategy == "beam4" else plan.smollm2_prompts
