@@ -635,7 +635,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 column")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for speed.md and speed.json")
     args = parser.parse_args(argv)
-    unknown = set(args.strategies.split(",")) - set(WORKLOAD_STRATEGIES)
+    args.strategies = args.strategies.split(",")
+    unknown = set(args.strategies) - set(WORKLOAD_STRATEGIES)
     if unknown:
         parser.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(WORKLOAD_STRATEGIES)}")
     if args.threads < 1:
@@ -692,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workload: list[dict[str, Any]] = []
     if "workload" in sections:
         jobs = [(s, strategy) for s in subjects if s.name in ("SmolLM2-135M", "LSTM-LM")
-                for strategy in WORKLOAD_STRATEGIES if strategy in args.strategies.split(",")]
+                for strategy in WORKLOAD_STRATEGIES if strategy in args.strategies]
         for subject, strategy in tqdm(jobs, desc="workload cells"):
             is_lstm = not subject.is_hf
             smol_count = plan.smollm2_beam_prompts if strategy == "beam4" else plan.smollm2_prompts
