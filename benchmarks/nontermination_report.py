@@ -58,6 +58,8 @@ def _model_rows(records: dict[str, dict]) -> list[str]:
                         f"({record['finetune_steps']} steps)")  # fmt: skip
         else:
             training = "pretrained, not fine-tuned"
+        if record.get("worse_than_uniform"):
+            training += " - **worse than uniform** (validation perplexity above the vocabulary size: diverged)"
         rows.append(
             f"| {name} | {'-' if valid is None else f'{valid:.1f}'} | {record['test_perplexity']:.1f} | {training} "
             f"| {record.get('termination_bound') or '-'} |"

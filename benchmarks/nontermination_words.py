@@ -162,8 +162,12 @@ def train_or_load_word_model(
         seed=seed, progress=progress,
     )  # fmt: skip
     model.eval()
+    valid = history.best_valid_perplexity
     record = {
-        "valid_perplexity": history.best_valid_perplexity,
+        "valid_perplexity": valid,
+        "vocab_size": len(data.vocab),
+        # no better than a uniform guess over the vocabulary: diverged (or barely trained)
+        "worse_than_uniform": not valid < len(data.vocab),
         "test_perplexity": evaluate_perplexity(model, data.test_batches, progress=progress),
         "epochs": len(history.epochs),
         "best_epoch": history.best_epoch,

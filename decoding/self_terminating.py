@@ -134,6 +134,42 @@ def _check_logit_shapes(non_eos_logits: torch.Tensor, eos_logit: torch.Tensor) -
         )
 
 
+def _st_log_alive(
+    eos_logit: torch.Tensor, epsilon: float, context: torch.Tensor, log_alive: torch.Tensor | None
+) -> torch.Tensor:
+    """ST's running ``log(1 - p_t(eos))`` ``[..., T]`` (running dtype), from ``log_alive [...]`` before."""
+    running = _running_dtype(eos_logit.device)
+    if log_alive is None:
+        log_alive = torch.zeros(eos_logit.shape[:-1], dtype=running, device=eos_logit.device)
+    elif log_alive.shape != eos_logit.shape[:-1]:
+        raise ValueError(f"log_alive must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(log_alive.shape)}")
+    increments = F.logsigmoid(eos_logit.to(running)) + math.log1p(-epsilon)  # [..., T]
+    increments = increments.masked_fill(context, 0.0)
+    return log_alive.to(running).unsqueeze(-1) + increments.cumsum(dim=-1)
+
+
+def _nmst_log_alive(
+    eos_logit: torch.Tensor, epsilon: float, context: torch.Tensor, steps: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMST's ``log(1 - p_t(eos))`` ``[..., T]`` (running dtype) and ``t [..., T]``, from ``steps [...]``."""
+    running = _running_dtype(eos_logit.device)
+    if steps is None:
+        steps = torch.zeros(eos_logit.shape[:-1], dtype=torch.long, device=eos_logit.device)
+    elif steps.shape != eos_logit.shape[:-1]:
+        raise ValueError(f"steps must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(steps.shape)}")
+    t = steps.to(torch.long).unsqueeze(-1) + (~context).long().cumsum(dim=-1)  # [..., T]
+    return F.logsigmoid(-eos_logit.to(running)) + t.to(running) * math.log1p(-epsilon), t
+
+
+def _eos_and_alive(
+    log_alive: torch.Tensor, context: torch.Tensor, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(eos), log(1 - p(eos)))`` ``[..., T]`` in ``out_dtype``; context gets ``p(eos) = 0``."""
+    log_alive = log_alive.masked_fill(context, 0.0)
+    log_p_eos = _log1mexp(log_alive).masked_fill(context, -math.inf)
+    return log_p_eos.to(out_dtype), log_alive.to(out_dtype)
+
+
 def _assemble(
     non_eos_logits: torch.Tensor, log_alive: torch.Tensor, context: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +179,26 @@ def _assemble(
     Returns ``(log_p_non_eos [..., T, V-1], log_p_eos [..., T])`` in ``promote(logits dtype, float32)``.
     """
     out_dtype = torch.promote_types(non_eos_logits.dtype, torch.float32)
-    log_alive = log_alive.masked_fill(context, 0.0)
-    log_p_eos = _log1mexp(log_alive).masked_fill(context, -math.inf).to(out_dtype)
+    log_p_eos, log_alive = _eos_and_alive(log_alive, context, out_dtype)
     log_softmax = torch.log_softmax(non_eos_logits.to(out_dtype), dim=-1)
-    return log_softmax + log_alive.to(out_dtype).unsqueeze(-1), log_p_eos
+    return log_softmax + log_alive.unsqueeze(-1), log_p_eos
+
+
+def _assemble_full(
+    logits: torch.Tensor, eos: int, log_alive: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_assemble` on the full vocabulary without splitting it: ``[..., T, V]`` log-probabilities.
+
+    The eos column is masked to -inf in one copy of the logits, so the softmax runs over the other tokens
+    without splitting the vocabulary and joining it again; the eos column is then overwritten in place.
+    """
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_p_eos, log_alive = _eos_and_alive(log_alive, context, out_dtype)
+    masked = logits.to(out_dtype, copy=True)
+    masked[..., eos] = -math.inf
+    log_probs = torch.log_softmax(masked, dim=-1) + log_alive.unsqueeze(-1)
+    log_probs[..., eos] = log_p_eos
+    return log_probs
 
 
 def st_log_probs(
@@ -175,14 +227,7 @@ def st_log_probs(
     epsilon = check_epsilon(epsilon)
     _check_logit_shapes(non_eos_logits, eos_logit)
     context = _as_context_mask(context_mask, eos_logit)
-    running = _running_dtype(eos_logit.device)
-    if log_alive is None:
-        log_alive = torch.zeros(eos_logit.shape[:-1], dtype=running, device=eos_logit.device)
-    elif log_alive.shape != eos_logit.shape[:-1]:
-        raise ValueError(f"log_alive must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(log_alive.shape)}")
-    increments = F.logsigmoid(eos_logit.to(running)) + math.log1p(-epsilon)  # [..., T]
-    increments = increments.masked_fill(context, 0.0)
-    running_log_alive = log_alive.to(running).unsqueeze(-1) + increments.cumsum(dim=-1)  # [..., T]
+    running_log_alive = _st_log_alive(eos_logit, epsilon, context, log_alive)
     log_p_non_eos, log_p_eos = _assemble(non_eos_logits, running_log_alive, context)
     return log_p_non_eos, log_p_eos, running_log_alive[..., -1]
 
@@ -212,13 +257,7 @@ def nmst_log_probs(
     epsilon = check_epsilon(epsilon)
     _check_logit_shapes(non_eos_logits, eos_logit)
     context = _as_context_mask(context_mask, eos_logit)
-    running = _running_dtype(eos_logit.device)
-    if steps is None:
-        steps = torch.zeros(eos_logit.shape[:-1], dtype=torch.long, device=eos_logit.device)
-    elif steps.shape != eos_logit.shape[:-1]:
-        raise ValueError(f"steps must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(steps.shape)}")
-    t = steps.to(torch.long).unsqueeze(-1) + (~context).long().cumsum(dim=-1)  # [..., T]
-    log_alive = F.logsigmoid(-eos_logit.to(running)) + t.to(running) * math.log1p(-epsilon)
+    log_alive, t = _nmst_log_alive(eos_logit, epsilon, context, steps)
     log_p_non_eos, log_p_eos = _assemble(non_eos_logits, log_alive, context)
     return log_p_non_eos, log_p_eos, t[..., -1]
 
@@ -260,18 +299,18 @@ def self_terminating_log_probs(
     """
     kind = check_kind(kind)
     eos = check_eos_token_id(eos_token_id, logits.shape[-1])
-    non_eos = torch.cat([logits[..., :eos], logits[..., eos + 1 :]], dim=-1)  # [..., T, V-1]
+    epsilon = check_epsilon(epsilon)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [..., T, V], got shape {tuple(logits.shape)}")
     eos_logit = logits[..., eos]  # [..., T]
+    context = _as_context_mask(context_mask, eos_logit)
     if kind == "st":
-        log_p_non_eos, log_p_eos, state = st_log_probs(
-            non_eos, eos_logit, epsilon=epsilon, context_mask=context_mask, log_alive=state
-        )
+        log_alive = _st_log_alive(eos_logit, epsilon, context, state)
+        state = log_alive[..., -1]
     else:
-        log_p_non_eos, log_p_eos, state = nmst_log_probs(
-            non_eos, eos_logit, epsilon=epsilon, context_mask=context_mask, steps=state
-        )
-    pieces = [log_p_non_eos[..., :eos], log_p_eos.unsqueeze(-1), log_p_non_eos[..., eos:]]
-    return torch.cat(pieces, dim=-1), state
+        log_alive, t = _nmst_log_alive(eos_logit, epsilon, context, state)
+        state = t[..., -1]
+    return _assemble_full(logits, eos, log_alive, context), state
 
 
 def self_terminating_step(

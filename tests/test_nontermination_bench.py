@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import benchmarks.nontermination_report as report_module
 import benchmarks.nontermination_smollm2 as smol_module
 import benchmarks.nontermination_words as words_module
 from benchmarks import nontermination as nt
@@ -151,7 +152,11 @@ def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
     assert set(report["models"]) == {"rnn-vanilla", "rnn-st-1e-1", "lstm-nmst-1e-1"}
     assert report["models"]["rnn-st-1e-1"]["termination_bound"] == 7
     assert all(record["test_perplexity"] > 1.0 for record in report["models"].values())
+    for record in report["models"].values():  # tiny models barely learn: some are worse than uniform
+        assert record["worse_than_uniform"] == (record["valid_perplexity"] >= record["vocab_size"])
     markdown = (tmp_path / "out" / "nontermination.md").read_text()
+    flagged = sum(record["worse_than_uniform"] for record in report["models"].values())
+    assert markdown.count("**worse than uniform**") == flagged
     header = "| model | " + " | ".join(DECODERS) + " |"
     assert header in markdown
     pivot = markdown.split(header)[1].split("\n\n")[0].strip().splitlines()
@@ -187,3 +192,13 @@ def test_smollm2_pipeline_with_a_tiny_llama(tmp_path: Path, monkeypatch: pytest.
     assert result.records["smollm2"]["finetune_tokens"] == 0
     # the vanilla fine-tune started from the pretrained weights and changed them
     assert result.records["smollm2-ft-vanilla"]["test_perplexity"] != result.records["smollm2"]["test_perplexity"]
+
+
+def test_report_flags_a_model_worse_than_uniform() -> None:
+    common = {"epochs": 1, "train_tokens_per_epoch": 10, "parameters": 5, "vocab_size": 3002}
+    records = {
+        "rnn-st-1e-3": {**common, "valid_perplexity": 5e15, "test_perplexity": 6e15, "worse_than_uniform": True},
+        "rnn-vanilla": {**common, "valid_perplexity": 170.0, "test_perplexity": 171.0, "worse_than_uniform": False},
+    }
+    rows = report_module._model_rows(records)
+    assert "**worse than uniform**" in rows[2] and "**worse than uniform**" not in rows[3]

@@ -142,6 +142,30 @@ def test_layers_match_the_formulas():
 
 
 @pytest.mark.parametrize("kind", ["st", "nmst"])
+@pytest.mark.parametrize("eos", [0, 3, 6])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_full_vocabulary_form_equals_the_split_layers_with_gradients(kind, eos, dtype):
+    """self_terminating_log_probs masks eos in place of splitting the vocabulary: same values, same grads."""
+    logits = random_logits(3, (2, 5, 7), 4.0, dtype)
+    context = random_mask(3, (2, 5))
+    full_input = logits.clone().requires_grad_(True)
+    full, state = self_terminating_log_probs(full_input, kind=kind, epsilon=0.05, eos_token_id=eos, context_mask=context)
+    split_input = logits.clone().requires_grad_(True)
+    others = torch.cat([split_input[..., :eos], split_input[..., eos + 1 :]], dim=-1)
+    layer = st_log_probs if kind == "st" else nmst_log_probs
+    log_p_others, log_p_eos, split_state = layer(others, split_input[..., eos], epsilon=0.05, context_mask=context)
+    split = torch.cat([log_p_others[..., :eos], log_p_eos.unsqueeze(-1), log_p_others[..., eos:]], dim=-1)
+    assert full.dtype == split.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(full, split)
+    torch.testing.assert_close(state, split_state)
+    weights = random_logits(4, (2, 5, 7), 1.0, full.dtype)
+    finite = torch.isfinite(split)
+    (full.where(finite, 0) * weights).sum().backward()
+    (split.where(finite, 0) * weights).sum().backward()
+    torch.testing.assert_close(full_input.grad, split_input.grad)
+
+
+@pytest.mark.parametrize("kind", ["st", "nmst"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_extreme_logits_give_finite_log_probs_and_gradients(kind, dtype):
     values = torch.tensor([-1e4, 0.0, 1e4], dtype=dtype)
