@@ -31,6 +31,7 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.reserve = reserve
         self.length = 0
+        self.rows = 0  # rows in use: the first ``rows`` of the buffers (dropping rows keeps the buffers)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -47,23 +48,43 @@ class ReservedLayer(DynamicLayer):
         self.is_initialized = True
 
     def _set_views(self) -> None:
-        self.keys = self._key_buffer[:, :, : self.length]
-        self.values = self._value_buffer[:, :, : self.length]
+        self.keys = self._key_buffer[: self.rows, :, : self.length]
+        self.values = self._value_buffer[: self.rows, :, : self.length]
 
     def _reallocate(self, capacity: int, index: torch.LongTensor | None = None) -> None:
         """New buffers of ``capacity`` positions holding the filled part (rows ``index`` only, when given)."""
-        old_keys, old_values = self._key_buffer, self._value_buffer
-        rows = old_keys.shape[0] if index is None else index.numel()
+        old_keys, old_values = self.keys, self.values  # the filled part, [rows, H, n, D]
+        rows = self.rows if index is None else index.numel()
         keys = old_keys.new_empty((rows, old_keys.shape[1], capacity, old_keys.shape[3]))
         values = old_values.new_empty((rows, old_values.shape[1], capacity, old_values.shape[3]))
         n = self.length
         if index is None:
-            keys[:, :, :n].copy_(old_keys[:, :, :n])
-            values[:, :, :n].copy_(old_values[:, :, :n])
+            keys[:, :, :n].copy_(old_keys)
+            values[:, :, :n].copy_(old_values)
         else:
-            torch.index_select(old_keys[:, :, :n], 0, index, out=keys[:, :, :n])
-            torch.index_select(old_values[:, :, :n], 0, index, out=values[:, :, :n])
-        self._key_buffer, self._value_buffer = keys, values
+            torch.index_select(old_keys, 0, index, out=keys[:, :, :n])
+            torch.index_select(old_values, 0, index, out=values[:, :, :n])
+        self._key_buffer, self._value_buffer, self.rows = keys, values, rows
+        self._set_views()
+
+    def _select_rows(self, index: torch.LongTensor) -> None:
+        """Row ``i`` becomes row ``index[i]``, in place when there are no more rows than the buffers hold.
+
+        Only the rows that change are copied (read first, then written, so overlapping sources are safe):
+        a beam reorder that keeps most beams where they are, or dropping finished rows near the end of the
+        batch, moves a few rows instead of the whole cache, and nothing is reallocated.
+        """
+        index = index.to(self._key_buffer.device)
+        if index.numel() > self._key_buffer.shape[0]:
+            self._reallocate(self._key_buffer.shape[2], index)
+            return
+        target = torch.arange(index.numel(), device=index.device)
+        moved = (index != target).nonzero().flatten()
+        if moved.numel() > 0:
+            sources = index.index_select(0, moved)
+            for buffer, filled in ((self._key_buffer, self.keys), (self._value_buffer, self.values)):
+                buffer[:, :, : self.length].index_copy_(0, moved, filled.index_select(0, sources))
+        self.rows = index.numel()
         self._set_views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -78,10 +99,13 @@ class ReservedLayer(DynamicLayer):
             self._key_buffer = key_states.new_empty((batch, heads, capacity, dim))
             self._value_buffer = value_states.new_empty((batch, value_states.shape[1], capacity,
                                                          value_states.shape[3]))
+            self.rows = batch
         elif end > self._key_buffer.shape[2]:
             self._reallocate(end + max(_MIN_GROWTH, end // 2))
-        self._key_buffer[:, :, start:end].copy_(key_states)
-        self._value_buffer[:, :, start:end].copy_(value_states)
+        if key_states.shape[0] != self.rows:
+            raise ValueError(f"key_states has {key_states.shape[0]} rows, the cache {self.rows}")
+        self._key_buffer[: self.rows, :, start:end].copy_(key_states)
+        self._value_buffer[: self.rows, :, start:end].copy_(value_states)
         self.length = end
         self._set_views()
         return self.keys, self.values
@@ -91,18 +115,18 @@ class ReservedLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.length > 0:
-            self._reallocate(self._key_buffer.shape[2], beam_idx.to(self._key_buffer.device))
+            self._select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.length > 0:
             indices = indices.to(self._key_buffer.device)
             if indices.dtype == torch.bool:
                 indices = indices.nonzero().flatten()
-            self._reallocate(self._key_buffer.shape[2], indices)
+            self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length > 0:
-            rows = torch.arange(self._key_buffer.shape[0], device=self._key_buffer.device)
+            rows = torch.arange(self.rows, device=self._key_buffer.device)
             self._reallocate(self._key_buffer.shape[2], rows.repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -113,7 +137,7 @@ class ReservedLayer(DynamicLayer):
             self._set_views()
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.rows = 0
         self._key_buffer = self._value_buffer = None
         self.keys = self.values = None
         self.is_initialized = False

@@ -29,25 +29,32 @@ def test_reserved_layer_matches_dynamic_layer_through_updates_and_reorders(reser
     for step in range(150):  # well past every reservation: the buffer grows several times
         kv = _kv(g, batch=batch)
         outputs = [plain.update(*kv), reserved.update(*kv)]
-        if step == 20:
+        assert reserved.get_seq_length() == plain.get_seq_length()
+        for got, want in zip(outputs[1], outputs[0]):  # what attention sees at this step
+            assert torch.equal(got, want)
+        buffer = reserved._key_buffer
+        if step == 20:  # a reorder with a repeated row moves rows in place, no new buffer
             index = torch.tensor([2, 0, 0])
             plain.reorder_cache(index)
             reserved.reorder_cache(index)
+            assert reserved._key_buffer is buffer
+        if step == 30:  # identity reorder: nothing moves
+            plain.reorder_cache(torch.arange(3))
+            reserved.reorder_cache(torch.arange(3))
         if step == 40:
             plain.batch_repeat_interleave(2)
             reserved.batch_repeat_interleave(2)
             batch = 6
-        if step == 41:
+        if step == 41:  # dropping rows (unsorted) keeps the buffer
             keep = torch.tensor([5, 1, 2])
             plain.batch_select_indices(keep)
             reserved.batch_select_indices(keep)
+            assert reserved._key_buffer is buffer
             batch = 3
         if step == 60:
             plain.crop(-4)
             reserved.crop(-4)
-        assert reserved.get_seq_length() == plain.get_seq_length()
-        for got, want in zip(outputs[1], outputs[0]):
-            assert torch.equal(got, want)
+        assert torch.equal(reserved.keys, plain.keys) and torch.equal(reserved.values, plain.values)
     assert torch.equal(reserved.keys, plain.keys) and torch.equal(reserved.values, plain.values)
 
 
