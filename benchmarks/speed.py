@@ -632,6 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workload-prompts", type=int, help="override the number of workload prompts (spec: 256)")
     parser.add_argument("--workload-length", type=int, help="override max_new_tokens of the workload (spec: 1000)")
     parser.add_argument("--lstm-checkpoint", help="a trained LSTM (save_recurrent_lm file) instead of random weights")
+    parser.add_argument("--repeats", type=int, help="alternating repeats per fixed-length cell (default: the plan's)")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 column")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for speed.md and speed.json")
     args = parser.parse_args(argv)
@@ -641,6 +642,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(WORKLOAD_STRATEGIES)}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     return args
 
 
@@ -688,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             fixed.append(fixed_length_cell(
                 subject, fixed_ids(subject, prompts, rows=16), strategy=strategy, batch=batch,
                 steps=plan.large_steps if large else plan.small_steps,
-                repeats=max(3, plan.repeats - 2) if large else plan.repeats, threads=args.threads))
+                repeats=args.repeats or (max(3, plan.repeats - 2) if large else plan.repeats), threads=args.threads))
             tqdm.write(json.dumps({k: fixed[-1][k] for k in ("model", "strategy", "batch", "ratio", "identical")}))
     workload: list[dict[str, Any]] = []
     if "workload" in sections:

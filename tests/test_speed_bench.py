@@ -34,3 +34,14 @@ def test_workload_sampling_times_the_consistent_sampler_in_both_loops():
     meta = {"command": "x", "commit": "c", "date": "d", "machine": "m", "torch_threads": 1,
             "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t", "ctranslate2": None}
     assert "consistent-nucleus0.4 | transformers-consistent" in markdown(meta, [], [cell])
+
+
+def test_parse_args_checks_repeats_and_strategies(capsys):
+    from benchmarks.speed import parse_args
+
+    assert parse_args(["--repeats", "7"]).repeats == 7
+    assert parse_args([]).repeats is None
+    for bad in (["--repeats", "0"], ["--strategies", "greedy,topk"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    assert "--repeats must be >= 1" in capsys.readouterr().err
