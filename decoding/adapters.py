@@ -61,6 +61,8 @@ class _CausalState:
 class CausalLMStepModel:
     """A decoder-only transformers model (GPT-2, Llama, ...) as a :class:`~decoding.protocol.StepModel`."""
 
+    fresh_logits = True  # each forward's logits are a new tensor
+
     def __init__(self, model: torch.nn.Module, *, use_cache: bool = True, reserve: int = 0) -> None:
         self.model = model
         self.use_cache = use_cache
@@ -142,6 +144,7 @@ class Seq2SeqStepModel:
     """
 
     is_encoder_decoder = True
+    fresh_logits = True  # each forward's logits are a new tensor
 
     def __init__(self, model: torch.nn.Module, *, decoder_start_token_id: int | None = None,
                  reserve: int = 0) -> None:

@@ -40,7 +40,7 @@ def _user_processor(processor: Any) -> Processor:
 
 
 def build_processors(options: DecodeOptions, *, prefix_length: int, padding_lengths: torch.LongTensor | None,
-                     device: torch.device | str = "cpu") -> list[Processor]:
+                     device: torch.device | str = "cpu", in_place: bool = False) -> list[Processor]:
     """The logits-processor chain in transformers' order, user processors last (warpers are applied by the
     search loop itself, after these).
 
@@ -48,6 +48,8 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         prefix_length: ``P``, the length of the rows' prefix (prompt or decoder start).
         padding_lengths: ``[B]`` left-padding columns per prompt (ignored by the repetition penalty).
         device: where the scores live (token-id tensors are made there once, not at every step).
+        in_place: the step model's logits are scratch (``fresh_logits``): ban eos for ``min_new_tokens``
+            in place instead of copying the ``[B, V]`` scores at every step.
     """
     chain: list[Processor] = []
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
@@ -64,8 +66,16 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         chain.append(lambda history, scores, _: T.no_repeat_ngram(history, scores, size))
     if options.min_new_tokens > 0 and eos is not None:
         min_len = prefix_length + options.min_new_tokens
-        chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
-                                                             min_length=min_len))
+        if in_place:
+            def ban_eos(history, scores, _):
+                if history.shape[1] < min_len:
+                    scores.index_fill_(-1, eos, float("-inf"))
+                return scores
+
+            chain.append(ban_eos)
+        else:
+            chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
+                                                                 min_length=min_len))
     if options.forced_bos_token_id is not None:
         bos = options.forced_bos_token_id
         chain.append(lambda history, scores, _: T.forced_bos(scores, bos, cur_len=history.shape[1]))
@@ -195,7 +205,7 @@ def generate(
         step_model = step_model.reserving(options.max_new_tokens)
     padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
     processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding,
-                                  device=input_ids.device)
+                                  device=input_ids.device, in_place=bool(getattr(step_model, "fresh_logits", False)))
 
     logits, state, prefix = step_model.prefill(input_ids, attention_mask)
     return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors,

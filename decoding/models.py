@@ -240,6 +240,8 @@ class RecurrentStepModel:
     padding, so a batched prefill equals prefilling each prompt alone.
     """
 
+    fresh_logits = True  # output_logits makes a new tensor at every call
+
     def __init__(self, model: RecurrentLM) -> None:
         self.model = model
         self.vocab_size = model.vocab_size

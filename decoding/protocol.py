@@ -45,8 +45,10 @@ class StepModel(Protocol):
         vocab_size: size of the last dimension of the logits it returns.
 
     Optional extras the library uses when present: ``is_encoder_decoder`` (True: output rows start with
-    a decoder start token, so length options count from 1 instead of the prompt length) and
-    ``uncached()`` (a step model that recomputes from the whole sequence, for ``use_cache=False``).
+    a decoder start token, so length options count from 1 instead of the prompt length),
+    ``uncached()`` (a step model that recomputes from the whole sequence, for ``use_cache=False``) and
+    ``fresh_logits`` (True: every call returns logits in a new tensor nobody else holds, so the loop may
+    modify them in place instead of copying; leave it unset when logits can alias the model's own data).
     """
 
     vocab_size: int

@@ -370,6 +370,8 @@ class SelfTerminatingStepModel:
         log_probs, state, prefix = step_model.prefill(input_ids, attention_mask)   # [B, V]
     """
 
+    fresh_logits = True  # the head computes new log-probabilities at every call
+
     def __init__(self, inner: StepModel, *, kind: str, epsilon: float, eos_token_id: int) -> None:
         if not all(callable(getattr(inner, name, None)) for name in ("prefill", "step", "select")):
             raise TypeError(f"inner must be a StepModel (prefill/step/select), got {type(inner).__name__}")

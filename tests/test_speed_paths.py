@@ -180,3 +180,69 @@ def test_a_row_with_no_token_left_is_caught_on_every_path(options):
     with pytest.raises(RuntimeError, match="no token left"):
         generate(_NaNAtStep2(), torch.full((2, 1), 4), max_new_tokens=6, eos_token_id=0, pad_token_id=1,
                  logits_processor=[ban_everything], generator=torch.Generator().manual_seed(0), **options)
+
+
+class _SharedLogits:
+    """A step model that hands out the same logits tensor at every call (it does not set fresh_logits)."""
+
+    def __init__(self, vocab: int = 12, eos: int = 1) -> None:
+        self.vocab_size = vocab
+        self.logits = torch.zeros(2, vocab)
+        self.logits[:, eos] = 5.0  # eos is the argmax: only min_new_tokens holds it back
+        self.logits[:, 3] = 1.0
+
+    def prefill(self, input_ids, attention_mask):
+        return self.logits, None, input_ids
+
+    def step(self, tokens, state):
+        return self.logits, state
+
+    def select(self, state, index):
+        return state
+
+
+def test_min_new_tokens_never_writes_into_logits_a_step_model_may_hold():
+    model = _SharedLogits()
+    before = model.logits.clone()
+    out = generate(model, torch.tensor([[4, 5], [6, 7]]), max_new_tokens=6, min_new_tokens=3,
+                   eos_token_id=1, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(model.logits, before)
+    assert out.sequences[:, 2:].tolist() == [[3, 3, 3, 1]] * 2  # eos banned for 3 tokens, then chosen
+
+
+class _NotFresh:
+    """The same step model without ``fresh_logits``: the loop copies the scores instead."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.vocab_size = inner, inner.vocab_size
+
+    def prefill(self, input_ids, attention_mask):
+        return self.inner.prefill(input_ids, attention_mask)
+
+    def step(self, tokens, state):
+        return self.inner.step(tokens, state)
+
+    def select(self, state, index):
+        return self.inner.select(state, index)
+
+
+@pytest.mark.parametrize("setting", ["greedy", "beam3", "sample"])
+def test_in_place_eos_ban_gives_the_tokens_of_the_copying_ban(setting):
+    from decoding.adapters import hf_step_model
+
+    model = tiny_model("gpt2")
+    step_model = hf_step_model(model)
+    assert step_model.fresh_logits and not hasattr(_NotFresh(step_model), "fresh_logits")
+    input_ids, attention_mask = left_padded_prompts()
+    options = dict(SETTINGS[setting], max_new_tokens=12, min_new_tokens=8, return_dict_in_generate=True)
+    outputs = [
+        generate(candidate, input_ids, attention_mask, generator=torch.Generator().manual_seed(0),
+                 eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id, **options)
+        for candidate in (step_model, _NotFresh(step_model))
+    ]  # fmt: skip
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert (outputs[0].lengths >= 8).all()
+    options.pop("min_new_tokens")
+    unbanned = generate(step_model, input_ids, attention_mask, generator=torch.Generator().manual_seed(0),
+                        eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id, **options)
+    assert (unbanned.lengths < 8).any()  # the ban really held some row back
