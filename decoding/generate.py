@@ -66,16 +66,8 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         chain.append(lambda history, scores, _: T.no_repeat_ngram(history, scores, size))
     if options.min_new_tokens > 0 and eos is not None:
         min_len = prefix_length + options.min_new_tokens
-        if in_place:
-            def ban_eos(history, scores, _):
-                if history.shape[1] < min_len:
-                    scores.index_fill_(-1, eos, float("-inf"))
-                return scores
-
-            chain.append(ban_eos)
-        else:
-            chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
-                                                                 min_length=min_len))
+        chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
+                                                             min_length=min_len, in_place=in_place))
     if options.forced_bos_token_id is not None:
         bos = options.forced_bos_token_id
         chain.append(lambda history, scores, _: T.forced_bos(scores, bos, cur_len=history.shape[1]))

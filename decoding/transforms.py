@@ -535,6 +535,7 @@ def min_length(
     *,
     cur_len: int,
     min_length: int,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """eos scores to ``-inf`` while ``cur_len < min_length`` (MinLengthLogitsProcessor).
 
@@ -546,9 +547,10 @@ def min_length(
         eos_token_ids: ``[E]`` eos id(s) in ``[0, V)``.
         cur_len: current length (prompt included for decoder-only models, as in transformers).
         min_length: >= 0.
+        in_place: write the ``-inf`` into ``scores`` itself (only for scores nobody else holds).
 
     Returns:
-        ``[B, V]``: a new tensor, or ``scores`` itself once the minimum is reached.
+        ``[B, V]``: a new tensor (``scores`` when ``in_place``), or ``scores`` once the minimum is reached.
     """
     _check_scores(scores)
     cur_len = _check_int("cur_len", cur_len, low=0)
@@ -556,6 +558,8 @@ def min_length(
     eos = as_token_ids(eos_token_ids, device=scores.device)
     if cur_len >= min_length:
         return scores
+    if in_place:
+        return scores.index_fill_(-1, eos, _NEG_INF)
     return scores.index_fill(-1, eos, _NEG_INF)
 
 

@@ -354,6 +354,10 @@ def test_min_length_matches_transformers(
     theirs = hf_call(hf.MinNewTokensLengthLogitsProcessor(prompt, minimum, eos), scores, ids)
     assert_same_scores(ours, theirs)
     assert torch.equal(scores, before)
+    scratch = scores.clone()
+    in_place = min_length(scratch, torch.tensor(eos), cur_len=cur_len, min_length=minimum, in_place=True)
+    assert in_place is scratch
+    assert_same_scores(in_place, ours)
 
 
 @SETTINGS
