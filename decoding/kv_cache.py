@@ -22,6 +22,22 @@ __all__ = ["ReservedLayer", "reserve_cache"]
 
 _MIN_GROWTH = 64  # tokens added when a write overruns the reservation (then half the length, amortised O(1))
 
+# Every layer of a cache is reordered by the same index tensor: the rows it moves are found once (one host
+# sync per reorder, not one per layer). Holding the tensor keeps its identity from being reused.
+_last_moves: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+
+def _row_moves(index: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(moved, sources)``: the positions ``i`` with ``index[i] != i`` and ``index`` at them."""
+    global _last_moves
+    cached = _last_moves
+    if cached is not None and cached[0] is index and cached[1] == index._version:
+        return cached[2], cached[3]
+    moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().flatten()
+    sources = index.index_select(0, moved)
+    _last_moves = (index, index._version, moved, sources)
+    return moved, sources
+
 
 class ReservedLayer(DynamicLayer):
     """One attention layer's cache: ``keys``/``values`` are ``[B, H, n, D]`` views of ``[B, H, capacity, D]``
@@ -78,10 +94,8 @@ class ReservedLayer(DynamicLayer):
         if index.numel() > self._key_buffer.shape[0]:
             self._reallocate(self._key_buffer.shape[2], index)
             return
-        target = torch.arange(index.numel(), device=index.device)
-        moved = (index != target).nonzero().flatten()
+        moved, sources = _row_moves(index)
         if moved.numel() > 0:
-            sources = index.index_select(0, moved)
             for buffer, filled in ((self._key_buffer, self.keys), (self._value_buffer, self.values)):
                 buffer[:, :, : self.length].index_copy_(0, moved, filled.index_select(0, sources))
         self.rows = index.numel()

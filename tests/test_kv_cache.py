@@ -107,3 +107,19 @@ def test_step_model_cache_is_reserved_and_logits_bit_identical(kind, monkeypatch
             keep = torch.tensor([0, 2, 3])
             state_a, state_b = reserved.select(state_a, keep), plain.select(state_b, keep)
             logits_a, logits_b = logits_a[keep], logits_b[keep]
+
+
+def test_reorders_by_one_index_tensor_stay_right_when_it_is_changed_in_place():
+    """The rows to move are found once per index tensor (every layer shares it); changing the tensor in place
+    between layers must not reuse the stale answer."""
+    g = torch.Generator().manual_seed(1)
+    index = torch.tensor([1, 1, 0])
+    for new_index in ([1, 1, 0], [2, 0, 1]):
+        index.copy_(torch.tensor(new_index))
+        plain, reserved = DynamicLayer(), ReservedLayer(4)
+        kv = _kv(g, batch=3, tokens=5)
+        plain.update(*kv)
+        reserved.update(*kv)
+        plain.reorder_cache(index)
+        reserved.reorder_cache(index)
+        assert torch.equal(reserved.keys, plain.keys) and torch.equal(reserved.values, plain.values)
