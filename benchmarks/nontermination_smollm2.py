@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
-from decoding.self_terminating import context_mask_from_labels, make_self_terminating
+from decoding.self_terminating import context_mask_from_labels, make_self_terminating, self_terminating_log_probs
 
 __all__ = [
     "SmolSettings",
@@ -285,8 +285,10 @@ class SmolLM2Bench:
     def _log_probs(self, logits: torch.Tensor, kind: str | None, context: torch.Tensor) -> torch.Tensor:
         if kind is None:
             return torch.log_softmax(logits.float(), dim=-1)
-        _, st_model = self.head(f"ft-{kind}")
-        return st_model.head_log_probs(logits.float(), context_mask=context)
+        # the head of SelfTerminatingLM.head_log_probs, without building the wrapper for every batch
+        log_probs, _ = self_terminating_log_probs(logits.float(), kind=kind, epsilon=self.settings.epsilon,
+                                                  eos_token_id=self.eos, context_mask=context)
+        return log_probs
 
     def _batch_nll(self, index: int, which: str, kind: str | None, context_len: int) -> tuple[torch.Tensor, int]:
         """Summed NLL of batch ``index``'s scored tokens and their count (graph kept for training)."""

@@ -597,7 +597,7 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to run: the full plan takes ~40 minutes on 2 idle cores, --quick ~8."""
+    """How much to run: the full plan took 33 minutes on 2 idle cores (2 threads), --quick ~8."""
 
     repeats: int
     small_steps: int            # new tokens per fixed-length run, tiny GPT-2 and LSTM

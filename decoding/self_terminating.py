@@ -140,7 +140,7 @@ def _st_log_alive(
     """ST's running ``log(1 - p_t(eos))`` ``[..., T]`` (running dtype), from ``log_alive [...]`` before."""
     running = _running_dtype(eos_logit.device)
     if log_alive is None:
-        log_alive = torch.zeros(eos_logit.shape[:-1], dtype=running, device=eos_logit.device)
+        log_alive = initial_head_state("st", eos_logit.shape[:-1], eos_logit.device)
     elif log_alive.shape != eos_logit.shape[:-1]:
         raise ValueError(f"log_alive must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(log_alive.shape)}")
     increments = F.logsigmoid(eos_logit.to(running)) + math.log1p(-epsilon)  # [..., T]
@@ -154,7 +154,7 @@ def _nmst_log_alive(
     """NMST's ``log(1 - p_t(eos))`` ``[..., T]`` (running dtype) and ``t [..., T]``, from ``steps [...]``."""
     running = _running_dtype(eos_logit.device)
     if steps is None:
-        steps = torch.zeros(eos_logit.shape[:-1], dtype=torch.long, device=eos_logit.device)
+        steps = initial_head_state("nmst", eos_logit.shape[:-1], eos_logit.device)
     elif steps.shape != eos_logit.shape[:-1]:
         raise ValueError(f"steps must have shape {tuple(eos_logit.shape[:-1])}, got {tuple(steps.shape)}")
     t = steps.to(torch.long).unsqueeze(-1) + (~context).long().cumsum(dim=-1)  # [..., T]
