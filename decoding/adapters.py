@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from .kv_cache import reserve_cache
+from .kv_cache import merge_caches, reserve_cache
 
 __all__ = ["CausalLMStepModel", "Seq2SeqStepModel", "hf_step_model"]
 
@@ -127,6 +127,41 @@ class CausalLMStepModel:
         return _CausalState(cache=_reorder(state.cache, index), attention_mask=rows(state.attention_mask),
                             next_position=rows(state.next_position), tokens=rows(state.tokens),
                             positions=rows(state.positions))
+
+    def merge(self, state: _CausalState, other: _CausalState) -> _CausalState:
+        """The rows of ``state`` followed by those of ``other`` (a later prefill), for continuous batching.
+
+        Rows are right-aligned to the longer of the two; the attention mask hides the columns a row did not
+        fill, and each row keeps its own position ids, so every row computes what it computes alone.
+        Columns hidden from every row are forgotten once they are a quarter of the cache.
+        """
+        def length(s: _CausalState) -> int:
+            return s.tokens.shape[1] if s.cache is None else s.cache.get_seq_length()
+
+        mine, theirs = length(state), length(other)
+        width = max(mine, theirs)
+        masks = [s.attention_mask if s.attention_mask is not None else s.next_position.new_ones(len(s.next_position), n)
+                 for s, n in ((state, mine), (other, theirs))]
+        mask = torch.cat([_pad_left(m, width, 0) for m in masks])            # [B + B', width]
+        hidden = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())             # leading columns no row attends
+        drop = hidden if 4 * hidden >= width else 0
+        mask = mask[:, drop:]
+        mask = None if bool(mask.all()) else mask
+        next_position = torch.cat([state.next_position, other.next_position])
+        if state.cache is None:
+            tokens = torch.cat([_pad_left(s.tokens, width, 0) for s in (state, other)])[:, drop:]
+            positions = torch.cat([_pad_left(s.positions, width, 0) for s in (state, other)])[:, drop:]
+            return _CausalState(cache=None, attention_mask=mask, next_position=next_position, tokens=tokens,
+                                positions=positions)
+        cache = merge_caches(state.cache, other.cache, width=width, drop=drop)
+        return _CausalState(cache=cache, attention_mask=mask, next_position=next_position)
+
+
+def _pad_left(tensor: torch.Tensor | None, width: int, value: int) -> torch.Tensor | None:
+    """``[B, n]`` -> ``[B, width]``, ``value`` in the new columns on the left."""
+    if tensor is None:
+        return None
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0), value=value)
 
 
 @dataclass(frozen=True)

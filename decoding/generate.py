@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 from . import transforms as T
 from .options import DecodeOptions, resolve_options
 from .protocol import StepModel, as_step_model
-from .search import Processor, SearchResult, beam_search, sample_search
+from .search import Processor, Refill, SearchResult, beam_search, sample_search
 
 __all__ = ["generate", "GenerateOutput", "build_processors", "decode_prefilled"]
 
@@ -136,6 +136,7 @@ def generate(
     consistent: bool = False,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
+    max_batch_size: int | None = None,
     progress: bool = False,
     **kwargs: Any,
 ) -> torch.LongTensor | GenerateOutput:
@@ -157,6 +158,14 @@ def generate(
         drop_finished: take finished rows (prompts, in beam search) out of the batch and the model state
             at once, so they cost nothing. False keeps them in the batch fed with pad, as transformers
             does; the tokens are the same either way (kept for checks and benchmarks).
+        max_batch_size: decode at most this many rows at once (a row: one sequence, one beam). Greedy and
+            sampling then refill the rows that finish with the next prompts (continuous batching), when
+            the step model can ``merge`` states (decoder-only transformers models, the RNN/LSTM LMs, the
+            self-terminating wrappers of those) and no logits processor needs whole-batch lengths
+            (repetition penalty, min/forced lengths, user processors); otherwise, and in beam search, the
+            prompts are decoded in consecutive chunks. Each prompt gets the tokens it gets without the
+            limit (seeded sampling too, when refilling; chunks draw in chunk order), up to floating-point
+            effects of batch composition. None: all prompts at once.
         progress: show a tqdm bar over decoding steps.
         **kwargs: transformers' generation options (see ``decoding.options.SUPPORTED_OPTIONS``).
 
@@ -191,17 +200,78 @@ def generate(
         kwargs=kwargs, generation_config=generation_config, logits_processor=logits_processor,
         consistent=consistent, generator=generator, drop_finished=drop_finished,
     )
+    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
+    capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])
     if not options.use_cache:
         step_model = _uncached(step_model)
-    elif hasattr(step_model, "reserving"):
-        step_model = step_model.reserving(options.max_new_tokens)
+    refilling = (capacity is not None and not options.is_beam_search and options.drop_finished
+                 and callable(getattr(step_model, "merge", None)))
+    if options.use_cache and hasattr(step_model, "reserving"):
+        # refilled rows start at later columns of the cache: room for half a decode more saves regrowing
+        step_model = step_model.reserving(options.max_new_tokens * 3 // 2 if refilling else options.max_new_tokens)
     padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
-    processors = build_processors(options, prefix_length=prefix_length, padding_lengths=padding,
-                                  device=input_ids.device, in_place=bool(getattr(step_model, "fresh_logits", False)))
+    in_place = bool(getattr(step_model, "fresh_logits", False))
 
-    logits, state, prefix = step_model.prefill(input_ids, attention_mask)
-    return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors,
-                            progress=progress)
+    def processors_for(rows: slice) -> list[Processor]:
+        return build_processors(options, prefix_length=prefix_length, device=input_ids.device, in_place=in_place,
+                                padding_lengths=None if padding is None else padding[rows])
+
+    if capacity is None:
+        logits, state, prefix = step_model.prefill(input_ids, attention_mask)
+        return decode_prefilled(step_model, logits, state, prefix, options=options,
+                                processors=processors_for(slice(None)), progress=progress)
+    chunk = capacity // per_prompt
+    if refilling and not processors_for(slice(0, chunk)):
+        return _decode_refilling(step_model, input_ids, attention_mask, options=options, prompts_at_once=chunk,
+                                 progress=progress)
+    results = []
+    for start in range(0, input_ids.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logits, state, prefix = step_model.prefill(input_ids[rows], attention_mask[rows])
+        search = beam_search if options.is_beam_search else sample_search
+        results.append(search(step_model, logits, state, prefix, options=options, processors=processors_for(rows),
+                              progress=progress))
+    return _shape_output(_concat_results(results, options.pad_token_id), options)
+
+
+def _check_max_batch_size(max_batch_size: Any, per_prompt: int, n_prompts: int) -> int | None:
+    """The row limit, or None when every row fits at once."""
+    if max_batch_size is None:
+        return None
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < per_prompt:
+        raise ValueError(f"max_batch_size must be an integer >= {per_prompt} (the rows of one prompt: "
+                         f"num_beams or num_return_sequences), got {max_batch_size!r}")
+    return None if n_prompts * per_prompt <= max_batch_size else max_batch_size
+
+
+def _decode_refilling(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
+                      options: DecodeOptions, prompts_at_once: int, progress: bool) -> torch.LongTensor | GenerateOutput:
+    """Greedy/sampling with at most ``prompts_at_once`` prompts decoding, refilled as rows finish."""
+    admitted = prompts_at_once
+
+    def admit(count: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
+        nonlocal admitted
+        rows = slice(admitted, admitted + count)
+        admitted += count
+        return step_model.prefill(input_ids[rows], attention_mask[rows])
+
+    logits, state, prefix = step_model.prefill(input_ids[:prompts_at_once], attention_mask[:prompts_at_once])
+    rows_at_once = prompts_at_once * options.num_return_sequences
+    refill = Refill(admit=admit, merge=step_model.merge, prompts=input_ids.shape[0] - prompts_at_once,
+                    capacity=rows_at_once, threshold=max(options.num_return_sequences, rows_at_once // 8))
+    result = sample_search(step_model, logits, state, prefix, options=options, processors=[], progress=progress,
+                           refill=refill)
+    return _shape_output(result, options)
+
+
+def _concat_results(results: Sequence[SearchResult], pad_token_id: int) -> SearchResult:
+    """The rows of consecutive chunks' results, in order (sequences padded to the widest)."""
+    width = max(r.sequences.shape[1] for r in results)
+    sequences = torch.cat([torch.nn.functional.pad(r.sequences, (0, width - r.sequences.shape[1]), value=pad_token_id)
+                           for r in results])
+    scores = None if results[0].scores is None else torch.cat([r.scores for r in results])
+    return SearchResult(sequences=sequences, lengths=torch.cat([r.lengths for r in results]),
+                        terminated=torch.cat([r.terminated for r in results]), scores=scores)
 
 
 def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
@@ -212,6 +282,11 @@ def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, pr
     search = beam_search if options.is_beam_search else sample_search
     result: SearchResult = search(step_model, logits, state, prefix, options=options, processors=processors,
                                   progress=progress)
+    return _shape_output(result, options)
+
+
+def _shape_output(result: SearchResult, options: DecodeOptions) -> torch.LongTensor | GenerateOutput:
+    """The sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``."""
     if not options.return_dict_in_generate:
         return result.sequences
     return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,

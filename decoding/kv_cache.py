@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["ReservedLayer", "reserve_cache"]
+__all__ = ["ReservedLayer", "reserve_cache", "merge_caches"]
 
 _MIN_GROWTH = 64  # tokens added when a write overruns the reservation (then half the length, amortised O(1))
 
@@ -101,6 +101,55 @@ class ReservedLayer(DynamicLayer):
         self.rows = index.numel()
         self._set_views()
 
+    def append_rows(self, other: DynamicLayer, width: int) -> None:
+        """Put the rows of ``other`` after this layer's rows, every row right-aligned to ``width`` columns.
+
+        Columns left of a shorter row's own ones hold zero keys and values: positions the attention mask
+        must hide (zeros, not stale memory, so a hidden position can never bring a NaN into attention).
+        Writes in place when the buffers have the rows and columns; continuous batching admits new prompts
+        into the rows finished ones left, so they usually do.
+        """
+        keys, values = other.keys, other.values  # [add, H, n_other, D]
+        add, n_other = keys.shape[0], keys.shape[-2]
+        if width < max(self.length, n_other):
+            raise ValueError(f"width {width} is shorter than the rows it aligns ({self.length}, {n_other})")
+        if (self.length != width or self.rows + add > self._key_buffer.shape[0]
+                or width > self._key_buffer.shape[2]):
+            self._realign(self.rows + add, width)
+        for buffer, new in ((self._key_buffer, keys), (self._value_buffer, values)):
+            buffer[self.rows: self.rows + add, :, : width - n_other].zero_()
+            buffer[self.rows: self.rows + add, :, width - n_other: width].copy_(new)
+        self.rows += add
+        self._set_views()
+
+    def _realign(self, rows: int, width: int) -> None:
+        """New buffers with room for ``rows`` rows and ``width`` columns plus the reservation, this layer's
+        rows right-aligned to ``width`` (zeros on their left)."""
+        old_keys, old_values, shift = self.keys, self.values, width - self.length
+        capacity = max(self._key_buffer.shape[2], width + self.reserve)
+        rows = max(rows, self._key_buffer.shape[0])
+        for name, old in (("_key_buffer", old_keys), ("_value_buffer", old_values)):
+            buffer = old.new_empty((rows, old.shape[1], capacity, old.shape[3]))
+            buffer[: self.rows, :, :shift].zero_()
+            buffer[: self.rows, :, shift:width].copy_(old)
+            setattr(self, name, buffer)
+        self.length = width
+        self._set_views()
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first ``count`` columns (ones every row's attention mask hides), shifting the rest left
+        in place, ``count`` columns per copy so that no copy reads what it writes."""
+        if not 0 <= count <= self.length:
+            raise ValueError(f"count must be in [0, {self.length}], got {count}")
+        if count == 0:
+            return
+        for buffer in (self._key_buffer, self._value_buffer):
+            for start in range(count, self.length, count):
+                end = min(start + count, self.length)
+                buffer[: self.rows, :, start - count: end - count].copy_(buffer[: self.rows, :, start:end])
+        self.length -= count
+        self._set_views()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -179,4 +228,25 @@ def reserve_cache(cache: Any, reserve: int) -> Any:
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer:
             layers[i] = ReservedLayer.adopt(layer, reserve)
+    return cache
+
+
+def merge_caches(cache: Any, other: Any, *, width: int, drop: int = 0) -> Any:
+    """The rows of ``other`` appended to ``cache`` (in place), every row right-aligned to ``width`` columns,
+    then the first ``drop`` columns (hidden from every row) forgotten. Returns ``cache``.
+
+    Both must be transformers caches whose layers are all :class:`ReservedLayer` (what :func:`reserve_cache`
+    makes of plain ``DynamicLayer`` caches); sliding-window and other layer kinds cannot be realigned.
+    """
+    layers, other_layers = getattr(cache, "layers", None), getattr(other, "layers", None)
+    if not isinstance(layers, list) or not isinstance(other_layers, list) or len(layers) != len(other_layers):
+        raise NotImplementedError(f"merging rows needs two caches with the same layers, got {type(cache).__name__} "
+                                  f"and {type(other).__name__}")
+    kinds = {type(layer).__name__ for layer in layers + other_layers if not isinstance(layer, ReservedLayer)}
+    if kinds:
+        raise NotImplementedError(f"merging rows is supported for plain (dynamic) KV caches only, not {sorted(kinds)}: "
+                                  "decode without max_batch_size, or in beam search (chunks)")
+    for layer, incoming in zip(layers, other_layers):
+        layer.append_rows(incoming, width)
+        layer.drop_leading(drop)
     return cache

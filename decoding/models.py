@@ -264,6 +264,12 @@ class RecurrentStepModel:
             return tuple(part.index_select(1, index.to(part.device)) for part in state)
         return state.index_select(1, index.to(state.device))
 
+    def merge(self, state: Any, other: Any) -> Any:
+        """The rows of ``state`` followed by the rows of ``other`` (continuous batching)."""
+        if isinstance(state, tuple):
+            return tuple(torch.cat([mine, theirs], dim=1) for mine, theirs in zip(state, other))
+        return torch.cat([state, other], dim=1)
+
 
 def rnn_lm(
     vocab_size: int,

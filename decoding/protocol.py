@@ -48,7 +48,9 @@ class StepModel(Protocol):
     a decoder start token, so length options count from 1 instead of the prompt length),
     ``uncached()`` (a step model that recomputes from the whole sequence, for ``use_cache=False``) and
     ``fresh_logits`` (True: every call returns logits in a new tensor nobody else holds, so the loop may
-    modify them in place instead of copying; leave it unset when logits can alias the model's own data).
+    modify them in place instead of copying; leave it unset when logits can alias the model's own data)
+    and ``merge(state, other)`` (the rows of ``state`` followed by the rows of ``other``, a state from a
+    later ``prefill``: lets ``generate(max_batch_size=...)`` admit new prompts into rows that finished).
     """
 
     vocab_size: int

@@ -18,7 +18,7 @@ from .options import DecodeOptions
 from .protocol import StepModel
 from .transforms import apply_temperature, truncate
 
-__all__ = ["SearchResult", "sample_search", "beam_search", "Processor"]
+__all__ = ["SearchResult", "Refill", "sample_search", "beam_search", "Processor"]
 
 # A logits processor inside the loop: (history [B, T], scores [B, V], prompt_index [B]) -> scores [B, V].
 # prompt_index says which prompt each row decodes, so processors with per-prompt data (e.g. how much left
@@ -102,6 +102,32 @@ def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, disable=not enabled, desc="decoding", unit="tok", leave=False)
 
 
+@dataclass(frozen=True)
+class Refill:
+    """Prompts still waiting for a row of the batch (continuous batching).
+
+    ``admit(k)`` prefills the next ``k`` prompts and returns their ``(logits [k, V], state, prefix [k, P])``;
+    ``merge(state, other)`` is the step model's: the rows of ``state`` followed by those of ``other``.
+    """
+
+    admit: Callable[[int], tuple[torch.Tensor, Any, torch.LongTensor]]
+    merge: Callable[[Any, Any], Any]
+    prompts: int     # prompts not admitted yet
+    capacity: int    # most rows decoding at once
+    threshold: int   # admit once at least this many rows are free (fewer, larger prefills)
+
+
+def _uniforms(table: torch.Tensor, drawn: int, upto: int, generator: torch.Generator | None) -> int:
+    """Fill rows ``drawn .. upto - 1`` of ``table [L, N]``, one ``torch.rand(N)`` per decoding step, in order.
+
+    Row ``t`` holds the number each output row uses at its ``t``-th generated token, however the batch is
+    composed: dropping finished rows or admitting new prompts never changes what any row samples.
+    """
+    for t in range(drawn, upto):
+        table[t] = torch.rand(table.shape[1], generator=generator, device=table.device)
+    return max(drawn, upto)
+
+
 def sample_search(
     model: StepModel,
     logits: torch.Tensor,
@@ -111,74 +137,112 @@ def sample_search(
     options: DecodeOptions,
     processors: Sequence[Processor],
     progress: bool = False,
+    refill: Refill | None = None,
 ) -> SearchResult:
     """Greedy decoding or ancestral sampling (with the options' warpers), one row per output sequence.
 
     Args:
-        logits: ``[B, V]`` the prefill logits, ``B`` = prompts.
+        logits: ``[B, V]`` the prefill logits, ``B`` = prompts (the first ones, with ``refill``).
         state: the model state after prefill, ``B`` rows.
         prefix: ``[B, P]`` the tokens each output row starts with.
+        refill: more prompts, admitted into the rows that finished rows free (then ``processors`` must be
+            empty: rows are at different lengths). Every row gets the tokens it would get without it.
     """
     expand = options.num_return_sequences
     if expand > 1:
         index = torch.arange(prefix.shape[0], device=prefix.device).repeat_interleave(expand)
         state, logits, prefix = model.select(state, index), logits[index], prefix[index]
-    n_rows, prefix_len = prefix.shape
+    if refill is not None and (processors or not options.drop_finished):
+        raise ValueError("refilling rows needs drop_finished and no logits processors (rows are at different "
+                         "lengths)")
+    device = prefix.device
+    first_rows, prefix_len = prefix.shape
+    waiting = refill.prompts if refill is not None else 0
+    n_rows = first_rows + waiting * expand
     max_new = options.max_new_tokens
-    eos = torch.tensor(options.eos_token_ids, device=prefix.device) if options.eos_token_ids else None
+    eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
 
     out = prefix.new_full((n_rows, prefix_len + max_new), options.pad_token_id)
-    work = out.clone()                                   # [n_active, P + L] rows still running
+    work = out[:first_rows].clone()                     # [n_active, P + L] rows still running
     work[:, :prefix_len] = prefix
-    rows = torch.arange(n_rows, device=prefix.device)   # [n_active] their output row
-    lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=prefix.device)
-    terminated = torch.zeros(n_rows, dtype=torch.bool, device=prefix.device)
+    rows = torch.arange(first_rows, device=device)      # [n_active] their output row
+    steps = torch.zeros(first_rows, dtype=torch.long, device=device)  # [n_active] tokens generated so far
+    lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=device)
+    terminated = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    table = torch.empty(max_new, n_rows, device=device) if options.do_sample else None
+    drawn = 0
 
-    n_running = n_rows
-    alive = None if options.drop_finished else torch.ones(n_rows, dtype=torch.bool, device=prefix.device)
-    prompt_index = torch.div(rows, expand, rounding_mode="floor")   # [n_active] recomputed when rows leave
-    bar = _progress(max_new, progress)
-    for step in range(max_new):
-        cur_len = prefix_len + step
-        scores = _apply(processors, work[:, :cur_len], logits, prompt_index)
+    n_running, admitted = first_rows, first_rows // expand
+    alive = None if options.drop_finished else torch.ones(first_rows, dtype=torch.bool, device=device)
+    prompt_index = torch.div(rows, expand, rounding_mode="floor")   # [n_active] recomputed when rows change
+    bar = _progress(max_new if refill is None else n_rows, progress)
+    step = 0
+    while True:
+        scores = _apply(processors, work[:, :prefix_len + step], logits, prompt_index)
         if options.do_sample:
             scores = _warp(scores, options, eos)
-            uniforms = torch.rand(n_rows, generator=options.generator, device=prefix.device)
-            tokens, best = _sample_rows(scores, uniforms[rows])
+            drawn = _uniforms(table, drawn, min(step + 1, max_new), options.generator)
+            tokens, best = _sample_rows(scores, table[steps, rows])
         else:
             best, tokens = scores.max(dim=-1)
         # max propagates NaN: without processors or warpers the scores' maxima double as the NaN check
         raw_max = best if scores is logits and not options.do_sample else logits.amax(dim=-1)
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
-        work[:, cur_len] = tokens
-        done = _is_eos(tokens, eos)
+        work.scatter_(1, (prefix_len + steps).unsqueeze(1), tokens.unsqueeze(1))
+        steps += 1
+        ended = _is_eos(tokens, eos)
+        finished = ended | (steps == max_new)
         if alive is not None:
-            done = done & alive
-        n_done = _check_step(step, raw_max, best, done.sum())
-        bar.update(1)
-        if n_done:
-            finished = done.nonzero().squeeze(1)
-            out[rows[finished]] = work[finished]
-            lengths[rows[finished]] = step + 1
-            terminated[rows[finished]] = True
-            n_running -= n_done
-            if n_running == 0:
-                break
+            finished = finished & alive
+        n_finished = _check_step(step, raw_max, best, finished.sum())
+        if refill is None:
+            bar.update(1)
+        if n_finished:
+            bar.update(n_finished if refill is not None else 0)
+            gone = finished.nonzero().squeeze(1)
+            out[rows[gone]] = work[gone]
+            lengths[rows[gone]] = steps[gone]
+            terminated[rows[gone]] = ended[gone]
+            n_running -= n_finished
             if alive is not None:
-                alive = alive & ~done
-            else:
-                keep = (~done).nonzero().squeeze(1)
-                rows, work, tokens = rows[keep], work[keep], tokens[keep]
-                prompt_index = torch.div(rows, expand, rounding_mode="floor")
+                alive = alive & ~finished
+            elif n_running:
+                keep = (~finished).nonzero().squeeze(1)
+                rows, work, tokens, steps = rows[keep], work[keep], tokens[keep], steps[keep]
                 state = model.select(state, keep)
-        if step + 1 < max_new:
+        if n_running:
             logits, state = model.step(tokens, state)
+        count = 0
+        if waiting:
+            free = refill.capacity - n_running
+            count = min(waiting, free // expand)
+            if count * expand < refill.threshold and count < waiting and n_running:
+                count = 0  # wait for more free rows: fewer, larger prefills
+        if count:
+            new_logits, new_state, new_prefix = refill.admit(count)
+            new_rows = admitted * expand + torch.arange(count * expand, device=device)
+            if expand > 1:
+                index = torch.arange(count, device=device).repeat_interleave(expand)
+                new_state, new_logits, new_prefix = (model.select(new_state, index), new_logits[index],
+                                                     new_prefix[index])
+            new_work = out[new_rows].clone()
+            new_work[:, :prefix_len] = new_prefix
+            if n_running:
+                logits, state = torch.cat([logits, new_logits]), refill.merge(state, new_state)
+                rows, work = torch.cat([rows, new_rows]), torch.cat([work, new_work])
+                steps = torch.cat([steps, steps.new_zeros(count * expand)])
+            else:
+                logits, state, rows, work = new_logits, new_state, new_rows, new_work
+                steps = steps.new_zeros(count * expand)
+            n_running += count * expand
+            admitted, waiting = admitted + count, waiting - count
+        if not n_running:
+            break
+        if count or (n_finished and alive is None):
+            prompt_index = torch.div(rows, expand, rounding_mode="floor")
+        step += 1
     bar.close()
-    if n_running:  # rows cut by max_new_tokens
-        if alive is not None:
-            rows, work = rows[alive], work[alive]
-        out[rows] = work
     width = prefix_len + int(lengths.max()) if n_rows else prefix_len
     return SearchResult(sequences=out[:, :width], lengths=lengths, terminated=terminated, scores=None)
 

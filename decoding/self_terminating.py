@@ -381,6 +381,8 @@ class SelfTerminatingStepModel:
         self.vocab_size = int(inner.vocab_size)
         self.eos_token_id = check_eos_token_id(eos_token_id, self.vocab_size)
         self.is_encoder_decoder = bool(getattr(inner, "is_encoder_decoder", False))
+        if callable(getattr(inner, "merge", None)):  # mergeable exactly when the inner model is
+            self.merge = self._merge
 
     def uncached(self) -> SelfTerminatingStepModel:
         """The same head over the inner model's uncached variant (``generate(..., use_cache=False)``)."""
@@ -388,6 +390,14 @@ class SelfTerminatingStepModel:
             raise NotImplementedError(f"use_cache=False is not supported for {type(self.inner).__name__}")
         return SelfTerminatingStepModel(
             self.inner.uncached(), kind=self.kind, epsilon=self.epsilon, eos_token_id=self.eos_token_id
+        )
+
+    def reserving(self, new_tokens: int) -> SelfTerminatingStepModel:
+        """The same head over the inner model with KV-cache room for ``new_tokens`` (when it reserves)."""
+        if not callable(getattr(self.inner, "reserving", None)):
+            return self
+        return SelfTerminatingStepModel(
+            self.inner.reserving(new_tokens), kind=self.kind, epsilon=self.epsilon, eos_token_id=self.eos_token_id
         )
 
     def _head(self, logits: torch.Tensor, head_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,6 +433,10 @@ class SelfTerminatingStepModel:
         """Rows ``index [B']`` of both the inner state and the head state."""
         head = state.head.index_select(0, index.to(state.head.device))
         return SelfTerminatingState(self.inner.select(state.inner, index), head)
+
+    def _merge(self, state: SelfTerminatingState, other: SelfTerminatingState) -> SelfTerminatingState:
+        """The rows of ``state`` followed by those of ``other``, inner and head state alike."""
+        return SelfTerminatingState(self.inner.merge(state.inner, other.inner), torch.cat([state.head, other.head]))
 
 
 
