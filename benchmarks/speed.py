@@ -152,6 +152,17 @@ class Subject:
     tokenizer: Any = None
     encode: Callable[[list[str]], list[int]] | None = None   # words -> ids (the model's own tokenisation)
     ct2_dir: Path | None = None
+    # what model.generate runs when that is not ``model`` itself (a self-terminating fine-tune: the base
+    # model, plus fresh logits processors per call that apply the same head)
+    baseline_model: Any = None
+    baseline_processors: Callable[[], list] | None = None
+
+    def hf_generate(self, input_ids: torch.LongTensor, mask: torch.LongTensor, *, logits_processor: Sequence = (),
+                    **options: Any) -> torch.LongTensor:
+        """``model.generate`` on the same inputs (the base model with the head's processor first, if any)."""
+        model = self.baseline_model if self.baseline_model is not None else self.model
+        head = self.baseline_processors() if self.baseline_processors is not None else []
+        return model.generate(input_ids, attention_mask=mask, logits_processor=[*head, *logits_processor], **options)
 
 
 def wikitext_prompts(count: int, *, words: int = 10) -> list[list[str]]:
@@ -215,6 +226,55 @@ def load_lstm(checkpoint: str | None) -> Subject:
             model.output.bias[vocab.eos_id] = 5.0
     return Subject(name="LSTM-LM", model=model, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id,
                    is_hf=False, encode=vocab.encode)
+
+
+class SelfTerminatingProcessor:
+    """A self-terminating head inside ``model.generate`` (the baseline for ST/NMST fine-tunes): turns each
+    step's raw logits into the head's log-probabilities, keeping every row's running state between calls.
+
+    Only for greedy decoding and sampling, where transformers never reorders rows; one instance per call.
+    """
+
+    def __init__(self, *, kind: str, epsilon: float, eos_token_id: int) -> None:
+        self.kind, self.epsilon, self.eos_token_id = kind, epsilon, eos_token_id
+        self.state: torch.Tensor | None = None   # [B] the head's running state
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        from decoding.self_terminating import self_terminating_step
+
+        log_probs, self.state = self_terminating_step(scores, self.state, kind=self.kind, epsilon=self.epsilon,
+                                                      eos_token_id=self.eos_token_id)
+        return log_probs
+
+
+def load_smollm2_self_terminating(kind: str, folder: Path | None) -> Subject:
+    """SmolLM2-135M with the ``kind`` ("st"/"nmst") fine-tune of the quick non-termination benchmark.
+
+    The fine-tune (top layers and eos head) is read from ``folder`` (default: that benchmark's cache for
+    its quick settings); run ``python -m benchmarks.nontermination --quick`` first to make it.
+    """
+    from benchmarks.nontermination import QUICK, cache_key, default_cache_dir
+    from benchmarks.nontermination_smollm2 import EosHead
+    from decoding.self_terminating import make_self_terminating
+
+    folder = folder or default_cache_dir() / cache_key(QUICK) / "models"
+    weights = folder / f"smollm2-ft-{kind}.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no SmolLM2 {kind} fine-tune; run python -m benchmarks.nontermination "
+                                "--quick first (or pass --smollm2-finetunes)")
+    subject = load_smollm2()
+    model, eos = subject.model, subject.eos_token_id
+    model.lm_head = EosHead(model.model.embed_tokens.weight, eos)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not set(state) <= {name for name, _ in model.named_parameters()}:
+        raise RuntimeError(f"{weights} does not fit SmolLM2: unexpected {sorted(unexpected)[:5]}")
+    epsilon = QUICK.smol.epsilon
+    subject.name = f"SmolLM2-135M-{kind.upper()}"
+    subject.baseline_model = model
+    subject.model = make_self_terminating(model, kind=kind, epsilon=epsilon, eos_token_id=eos)
+    subject.baseline_processors = lambda: [SelfTerminatingProcessor(kind=kind, epsilon=epsilon, eos_token_id=eos)]
+    return subject
 
 
 def ct2_model_dir(subject: Subject) -> tuple[Path | None, str]:
@@ -403,37 +463,79 @@ def fixed_length_cell(subject: Subject, fixed_ids: torch.LongTensor, *, strategy
 
 
 def workload_contenders(subject: Subject, input_ids: torch.LongTensor, mask: torch.LongTensor, strategy: str,
-                        max_new: int, seed: int) -> dict[str, Callable[[], Any]]:
-    """transformers' generate (or, for the LSTM, our loop keeping finished rows) against ours."""
-    model = subject.model
+                        max_new: int, seed: int, *, refill_rows: int | None = None) -> dict[str, Callable[[], Any]]:
+    """transformers' generate (or, for the LSTM, our loop keeping finished rows) against ours.
+
+    With ``refill_rows``: only our contenders, decoding all of ``input_ids`` at most ``refill_rows`` rows
+    at a time, refilling finished rows with the next prompts (``generate(max_batch_size=...)``).
+    """
     options = dict(WORKLOAD_STRATEGIES[strategy], max_new_tokens=max_new, eos_token_id=subject.eos_token_id,
                    pad_token_id=subject.pad_token_id)
+    sampling = bool(options.get("do_sample"))
 
     def ours(*, drop_finished: bool = True, consistent: bool = False) -> Callable[[], Any]:
-        return lambda: generate(model, input_ids, mask, generator=torch.Generator().manual_seed(seed),
-                                drop_finished=drop_finished, consistent=consistent, **options)
+        return lambda: generate(subject.model, input_ids, mask, generator=torch.Generator().manual_seed(seed),
+                                drop_finished=drop_finished, consistent=consistent, max_batch_size=refill_rows,
+                                **options)
 
+    if refill_rows is not None:
+        contenders = {"ours-refill": ours()}
+        if sampling:
+            contenders["ours-consistent-refill"] = ours(consistent=True)
+        return contenders
     if subject.is_hf:
-        contenders = {"transformers": lambda: model.generate(input_ids, attention_mask=mask, **options),
-                      "ours": ours()}
+        contenders = {"transformers": lambda: subject.hf_generate(input_ids, mask, **options), "ours": ours()}
     else:
         contenders = {"ours-keep-finished": ours(drop_finished=False), "ours": ours()}
-    if options.get("do_sample"):
+    if sampling:
         contenders["ours-consistent"] = ours(consistent=True)
+        if not subject.is_hf:
+            contenders["ours-consistent-keep-finished"] = ours(drop_finished=False, consistent=True)
         if subject.is_hf:  # the same consistent sampler inside transformers' loop, which keeps finished rows
             from decoding.processors import ConsistentTopPLogitsWarper
 
-            warper = ConsistentTopPLogitsWarper(options["top_p"], subject.eos_token_id)
             plain = dict(options, top_p=1.0, top_k=0)
-            contenders["transformers-consistent"] = lambda: model.generate(
-                input_ids, attention_mask=mask, logits_processor=[warper], **plain)
+            contenders["transformers-consistent"] = lambda: subject.hf_generate(
+                input_ids, mask, logits_processor=[ConsistentTopPLogitsWarper(options["top_p"], subject.eos_token_id)],
+                **plain)
     return contenders
 
 
+def _generated_rows(sequences: torch.LongTensor, prefix_len: int, subject: Subject) -> list[list[int]]:
+    """Each row's generated tokens up to its eos (prompt padding and what fills finished rows dropped)."""
+    rows = normalise(sequences, prefix_len, subject.eos_token_id, subject.pad_token_id)[:, prefix_len:].tolist()
+    for row in rows:
+        while row and row[-1] == subject.pad_token_id:
+            row.pop()
+    return rows
+
+
+def _add_total(totals: dict[str, dict[str, float]], name: str, runs: Sequence[Run], *, prefix: int,
+               rows: int, eos: int) -> dict[str, float]:
+    """Add one batch's median time, tokens and stopped rows of contender ``name`` to its totals."""
+    medians = summary(runs)
+    tokens, stopped = generated_stats(runs[0].output, prefix, eos)
+    total = totals.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "tokens": 0, "rows": 0, "stopped": 0,
+                                     "peak_rss_mb": 0.0, "extra_rss_mb": 0.0})
+    total["wall_s"] += medians["wall_median"]
+    total["cpu_s"] += medians["cpu_median"]
+    total["tokens"] += tokens
+    total["rows"] += rows
+    total["stopped"] += stopped
+    total["peak_rss_mb"] = max(total["peak_rss_mb"], medians["peak_rss_mb"])
+    total["extra_rss_mb"] = max(total["extra_rss_mb"], medians["extra_rss_mb"])
+    return medians
+
+
 def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, max_new: int, batch_size: int,
-                  repeats: int) -> dict[str, Any]:
+                  repeats: int, refill: bool = True) -> dict[str, Any]:
     """Decode all prompts in batches, contenders alternating within each batch (``repeats`` rounds, median
-    time per batch); totals over batches and per-batch ratios."""
+    time per batch); totals over batches and per-batch ratios.
+
+    With ``refill`` (greedy and sampling, more prompts than one batch): then also all prompts in one call
+    of ours with ``max_batch_size=batch_size`` (continuous batching), its contenders alternating with each
+    other; its tokens are checked against the baseline's batches (greedy).
+    """
     from benchmarks.data import prompt_batch
 
     baseline = "transformers" if subject.is_hf else "ours-keep-finished"
@@ -441,6 +543,7 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
     totals: dict[str, dict[str, float]] = {}
     batch_ratios: list[dict[str, float]] = []
     identical, row_steps = True, 0
+    baseline_rows: list[list[int]] = []
     load = os.getloadavg()[0]
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         ids = [subject.encode(words) for words in prompts[start:start + batch_size]]
@@ -448,19 +551,10 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
         runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=index),
                          repeats=repeats, start=index)
         prefix = input_ids.shape[1]
-        medians = {name: summary(name_runs) for name, name_runs in runs.items()}
-        for name, name_runs in runs.items():
-            tokens, stopped = generated_stats(name_runs[0].output, prefix, subject.eos_token_id)
-            total = totals.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "tokens": 0, "rows": 0, "stopped": 0,
-                                             "peak_rss_mb": 0.0, "extra_rss_mb": 0.0})
-            total["wall_s"] += medians[name]["wall_median"]
-            total["cpu_s"] += medians[name]["cpu_median"]
-            total["tokens"] += tokens
-            total["rows"] += input_ids.shape[0]
-            total["stopped"] += stopped
-            total["peak_rss_mb"] = max(total["peak_rss_mb"], medians[name]["peak_rss_mb"])
-            total["extra_rss_mb"] = max(total["extra_rss_mb"], medians[name]["extra_rss_mb"])
+        medians = {name: _add_total(totals, name, name_runs, prefix=prefix, rows=input_ids.shape[0],
+                                    eos=subject.eos_token_id) for name, name_runs in runs.items()}
         baseline_output = runs[baseline][0].output
+        baseline_rows += _generated_rows(baseline_output, prefix, subject)
         row_steps += baseline_output.shape[0] * (baseline_output.shape[1] - prefix)
         batch_ratios.append({key: medians["ours"][f"{key}_median"] / medians[baseline][f"{key}_median"]
                              for key in ("wall", "cpu")})
@@ -468,10 +562,27 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
             a, b = (normalise(runs[n][0].output, prefix, subject.eos_token_id, subject.pad_token_id)
                     for n in ("ours", baseline))
             identical = identical and a.shape == b.shape and bool(torch.equal(a, b))
+    refill_identical = None
+    if refill and strategy != "beam4" and len(prompts) > batch_size:
+        input_ids, mask = prompt_batch([subject.encode(words) for words in prompts], pad_id=subject.pad_token_id)
+        runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=0,
+                                             refill_rows=batch_size), repeats=repeats)
+        for name, name_runs in runs.items():
+            _add_total(totals, name, name_runs, prefix=input_ids.shape[1], rows=input_ids.shape[0],
+                       eos=subject.eos_token_id)
+        if not sampling:
+            refill_identical = _generated_rows(runs["ours-refill"][0].output, input_ids.shape[1], subject) == baseline_rows
     for total in totals.values():
         total["tokens_per_s"] = total["tokens"] / total["wall_s"]
         total["stopped_share"] = total["stopped"] / total["rows"]
     comparable = not sampling or not subject.is_hf
+    consistent_baseline = "transformers-consistent" if subject.is_hf else "ours-consistent-keep-finished"
+
+    def ratio(mine: str, theirs: str) -> dict[str, float] | None:
+        if mine not in totals or theirs not in totals:
+            return None
+        return {key: totals[mine][f"{key}_s"] / totals[theirs][f"{key}_s"] for key in ("wall", "cpu")}
+
     return {
         "model": subject.name, "strategy": strategy, "prompts": len(prompts), "batch_size": batch_size,
         "max_new_tokens": max_new, "repeats": repeats, "baseline": baseline, "loadavg_1min": load,
@@ -481,10 +592,15 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
         "row_step_share": totals["ours"]["tokens"] / row_steps,
         "ratio_total": {"wall": totals["ours"]["wall_s"] / totals[baseline]["wall_s"],
                         "cpu": totals["ours"]["cpu_s"] / totals[baseline]["cpu_s"]},
-        # consistent sampling: ours against the same warper inside model.generate (different RNG streams)
-        "ratio_consistent": None if "transformers-consistent" not in totals else {
-            key: totals["ours-consistent"][f"{key}_s"] / totals["transformers-consistent"][f"{key}_s"]
-            for key in ("wall", "cpu")},
+        # consistent sampling: ours against the same warper inside model.generate, or inside our loop keeping
+        # finished rows (the LSTM); different RNG streams
+        "consistent_baseline": consistent_baseline,
+        "ratio_consistent": ratio("ours-consistent", consistent_baseline),
+        # continuous batching: all prompts in one call, at most batch_size rows at once, against the baseline's
+        # batches
+        "ratio_refill": ratio("ours-refill", baseline),
+        "ratio_consistent_refill": ratio("ours-consistent-refill", consistent_baseline),
+        "refill_identical": refill_identical,
         "ratio_per_batch": {key: {"median": statistics.median(r[key] for r in batch_ratios),
                                   "min": min(r[key] for r in batch_ratios),
                                   "max": max(r[key] for r in batch_ratios)} for key in ("wall", "cpu")},
@@ -561,7 +677,10 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
     lines += [
         "", "## 2. Non-termination workload (WikiText-2 test prompts, first 10 words)", "",
         "Totals over all batches; ratio = ours / baseline on total time, and the per-batch ratio median "
-        "(min..max). The LSTM baseline is our own loop with drop_finished=False (it has no model.generate).", "",
+        "(min..max). The LSTM baseline is our own loop with drop_finished=False (it has no model.generate). "
+        "The -refill contenders decode all prompts in one call with max_batch_size = the batch size (continuous "
+        "batching: rows that finish are refilled with the next prompts), timed against the sum of the "
+        "baseline's batches.", "",
         "| model | strategy | prompts x L | contender | wall s | CPU s | tokens | tokens/s | stopped | "
         "peak RSS MiB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -583,12 +702,16 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
             f"{per['wall']['max']:.2f}) | {per['cpu']['median']:.2f} ({per['cpu']['min']:.2f}..{per['cpu']['max']:.2f})"
             f" | {cell['row_step_share']:.2f} | "
             f"{'n/a (sampling, different RNG)' if cell['identical'] is None else cell['identical']} |")
-        consistent = cell.get("ratio_consistent")
-        if consistent is not None:
-            lines.append(
-                f"| {cell['model']} | consistent-{cell['strategy']} | transformers-consistent | "
-                f"{consistent['wall']:.2f} | {consistent['cpu']:.2f} | | | | "
-                "n/a (sampling, different RNG) |")
+        extra = [("consistent-", "ours-consistent", cell.get("consistent_baseline", "transformers-consistent"),
+                  cell.get("ratio_consistent"), None),
+                 ("refill ", "ours-refill", cell["baseline"], cell.get("ratio_refill"), cell.get("refill_identical")),
+                 ("refill consistent-", "ours-consistent-refill", cell.get("consistent_baseline"),
+                  cell.get("ratio_consistent_refill"), None)]
+        for label, _, against, values, same in extra:
+            if values is not None:
+                lines.append(
+                    f"| {cell['model']} | {label}{cell['strategy']} | {against} | {values['wall']:.2f} | "
+                    f"{values['cpu']:.2f} | | | | {'n/a (sampling, different RNG)' if same is None else same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -626,7 +749,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch intra-op threads (default 1: steadier on a shared machine)")
     parser.add_argument("--sections", default="fixed,workload", help="comma list of: fixed, workload")
     parser.add_argument("--models", default="smollm2,gpt2-small,gpt2-tiny,lstm",
-                        help="comma list of: smollm2, gpt2-small, gpt2-tiny, lstm")
+                        help="comma list of: smollm2, gpt2-small, gpt2-tiny, lstm, smollm2-st, smollm2-nmst (the "
+                             "last two: the quick non-termination benchmark's fine-tunes, workload section only)")
+    parser.add_argument("--smollm2-finetunes", type=Path,
+                        help="folder with smollm2-ft-{st,nmst}.pt (default: the quick non-termination cache)")
+    parser.add_argument("--no-refill", action="store_true",
+                        help="skip the continuous-batching (max_batch_size) contenders of the workload")
     parser.add_argument("--strategies", default=",".join(WORKLOAD_STRATEGIES),
                         help="comma list of workload strategies: greedy, nucleus0.4, beam4")
     parser.add_argument("--workload-prompts", type=int, help="override the number of workload prompts (spec: 256)")
@@ -663,6 +791,9 @@ def load_subjects(names: list[str], args: argparse.Namespace) -> list[Subject]:
         subjects.append(gpt2_config_model("GPT-2-tiny-config", n_embd=96, n_layer=2, n_head=2, encode=smol.encode))
     if "lstm" in names:
         subjects.append(load_lstm(args.lstm_checkpoint))
+    for kind in ("st", "nmst"):
+        if f"smollm2-{kind}" in names:
+            subjects.append(load_smollm2_self_terminating(kind, args.smollm2_finetunes))
     return subjects
 
 
@@ -685,7 +816,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fixed: list[dict[str, Any]] = []
     if "fixed" in sections:
         prompts = wikitext_prompts(64)
-        cells = [(s, strategy, batch) for s in subjects for strategy in STRATEGIES for batch in (1, 16)]
+        cells = [(s, strategy, batch) for s in subjects if s.baseline_model is None for strategy in STRATEGIES
+                 for batch in (1, 16)]
         for subject, strategy, batch in tqdm(cells, desc="fixed-length cells"):
             large = subject.name in ("SmolLM2-135M", "GPT-2-small-config")
             fixed.append(fixed_length_cell(
@@ -695,15 +827,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tqdm.write(json.dumps({k: fixed[-1][k] for k in ("model", "strategy", "batch", "ratio", "identical")}))
     workload: list[dict[str, Any]] = []
     if "workload" in sections:
-        jobs = [(s, strategy) for s in subjects if s.name in ("SmolLM2-135M", "LSTM-LM")
-                for strategy in WORKLOAD_STRATEGIES if strategy in args.strategies]
+        jobs = [(s, strategy) for s in subjects if s.name.startswith("SmolLM2-135M") or s.name == "LSTM-LM"
+                for strategy in WORKLOAD_STRATEGIES if strategy in args.strategies
+                # the head's processor in model.generate keeps per-row state: wrong once beams reorder rows
+                and not (strategy == "beam4" and s.baseline_processors is not None)]
         for subject, strategy in tqdm(jobs, desc="workload cells"):
             is_lstm = not subject.is_hf
             smol_count = plan.smollm2_beam_prompts if strategy == "beam4" else plan.smollm2_prompts
             count = args.workload_prompts or (plan.lstm_prompts if is_lstm else smol_count)
             length = args.workload_length or (plan.lstm_length if is_lstm else plan.smollm2_length)
             workload.append(workload_cell(subject, wikitext_prompts(count), strategy=strategy, max_new=length,
-                                          batch_size=plan.batch_size, repeats=1 if is_lstm else plan.smollm2_repeats))
+                                          batch_size=plan.batch_size, repeats=1 if is_lstm else plan.smollm2_repeats,
+                                          refill=not args.no_refill))
             tqdm.write(json.dumps({k: workload[-1][k] for k in ("model", "strategy", "ratio_total", "identical")}))
     meta["loadavg_end"] = os.getloadavg()
     meta["notes"] = args.notes

@@ -20,17 +20,22 @@ PROMPTS = [f"w{i} x{i * 7} y{i % 3} z".split()[: 2 + i % 3] for i in range(6)]
 def test_workload_search_matches_transformers(strategy):
     cell = workload_cell(_subject(), PROMPTS, strategy=strategy, max_new=12, batch_size=4, repeats=1)
     assert cell["identical"] is True
-    assert set(cell["totals"]) == {"transformers", "ours"}
+    refill = {"ours-refill"} if strategy == "greedy" else set()  # beam search has no refill (chunks only)
+    assert set(cell["totals"]) == {"transformers", "ours"} | refill
     assert cell["totals"]["ours"]["rows"] == len(PROMPTS)
     assert cell["ratio_consistent"] is None
+    assert cell["refill_identical"] is (True if refill else None)
+    assert (cell["ratio_refill"] is not None) == bool(refill)
     assert 0 < cell["row_step_share"] <= 1
 
 
 def test_workload_sampling_times_the_consistent_sampler_in_both_loops():
     cell = workload_cell(_subject(), PROMPTS, strategy="nucleus0.4", max_new=12, batch_size=4, repeats=1)
-    assert set(cell["totals"]) == {"transformers", "ours", "ours-consistent", "transformers-consistent"}
+    assert set(cell["totals"]) == {"transformers", "ours", "ours-consistent", "transformers-consistent",
+                                   "ours-refill", "ours-consistent-refill"}
     assert cell["identical"] is None  # different random streams: not comparable token for token
     assert set(cell["ratio_consistent"]) == {"wall", "cpu"}
+    assert set(cell["ratio_consistent_refill"]) == {"wall", "cpu"}
     meta = {"command": "x", "commit": "c", "date": "d", "machine": "m", "torch_threads": 1,
             "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t", "ctranslate2": None}
     assert "consistent-nucleus0.4 | transformers-consistent" in markdown(meta, [], [cell])
@@ -45,3 +50,27 @@ def test_parse_args_checks_repeats_and_strategies(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_self_terminating_processor_reproduces_the_head_inside_model_generate():
+    """The baseline for self-terminating fine-tunes: model.generate with the head as a logits processor
+    gives the tokens our generate gives on the wrapped model (greedy), batch by batch and refilled."""
+    from benchmarks.speed import SelfTerminatingProcessor
+    from decoding.self_terminating import make_self_terminating
+
+    def sharpen(module, inputs, logits):  # peaked next-token choices, a low eos logit: rows end after 1-10 tokens
+        logits = logits * 8.0
+        logits[..., EOS] -= 4.0
+        return logits
+
+    base = tiny_model("gpt2", seed=2, eos_boost=1.0)
+    base.lm_head.register_forward_hook(sharpen)
+    subject = _subject()
+    subject.model = make_self_terminating(base, kind="nmst", epsilon=0.05, eos_token_id=EOS)
+    subject.baseline_model = base
+    subject.baseline_processors = lambda: [SelfTerminatingProcessor(kind="nmst", epsilon=0.05, eos_token_id=EOS)]
+    cell = workload_cell(subject, PROMPTS, strategy="greedy", max_new=40, batch_size=4, repeats=1)
+    assert cell["identical"] is True and cell["refill_identical"] is True
+    assert cell["totals"]["ours"]["stopped"] == len(PROMPTS)     # the head ends every row within the bound
+    subject.baseline_processors = None                           # without the head: different tokens
+    assert workload_cell(subject, PROMPTS, strategy="greedy", max_new=40, batch_size=4, repeats=1)["identical"] is False
