@@ -128,6 +128,34 @@ def _uniforms(table: torch.Tensor, drawn: int, upto: int, generator: torch.Gener
     return max(drawn, upto)
 
 
+@dataclass(frozen=True)
+class _Active:
+    """The rows still decoding; every field has them as its first dimension."""
+
+    rows: torch.LongTensor    # [n] their output row
+    work: torch.LongTensor    # [n, P + L] prefix, the tokens so far, pad
+    steps: torch.LongTensor   # [n] tokens generated so far
+
+    def take(self, keep: torch.LongTensor) -> "_Active":
+        return _Active(self.rows[keep], self.work[keep], self.steps[keep])
+
+    def join(self, other: "_Active") -> "_Active":
+        return _Active(torch.cat([self.rows, other.rows]), torch.cat([self.work, other.work]),
+                       torch.cat([self.steps, other.steps]))
+
+
+def _start(model: StepModel, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *, first_row: int,
+           expand: int, out: torch.LongTensor) -> tuple[torch.Tensor, Any, _Active]:
+    """Prefilled prompts as active rows ``first_row, first_row + 1, ...``, each repeated ``expand`` times."""
+    if expand > 1:
+        index = torch.arange(prefix.shape[0], device=prefix.device).repeat_interleave(expand)
+        state, logits, prefix = model.select(state, index), logits[index], prefix[index]
+    rows = first_row + torch.arange(prefix.shape[0], device=prefix.device)
+    work = out[rows].clone()
+    work[:, : prefix.shape[1]] = prefix
+    return logits, state, _Active(rows, work, torch.zeros_like(rows))
+
+
 def sample_search(
     model: StepModel,
     logits: torch.Tensor,
@@ -148,99 +176,73 @@ def sample_search(
         refill: more prompts, admitted into the rows that finished rows free (then ``processors`` must be
             empty: rows are at different lengths). Every row gets the tokens it would get without it.
     """
-    expand = options.num_return_sequences
-    if expand > 1:
-        index = torch.arange(prefix.shape[0], device=prefix.device).repeat_interleave(expand)
-        state, logits, prefix = model.select(state, index), logits[index], prefix[index]
     if refill is not None and (processors or not options.drop_finished):
         raise ValueError("refilling rows needs drop_finished and no logits processors (rows are at different "
                          "lengths)")
-    device = prefix.device
-    first_rows, prefix_len = prefix.shape
-    waiting = refill.prompts if refill is not None else 0
-    n_rows = first_rows + waiting * expand
-    max_new = options.max_new_tokens
+    expand, max_new = options.num_return_sequences, options.max_new_tokens
+    device, prefix_len = prefix.device, prefix.shape[1]
+    admitted, waiting = prefix.shape[0], refill.prompts if refill is not None else 0
+    n_rows = (admitted + waiting) * expand
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
-
     out = prefix.new_full((n_rows, prefix_len + max_new), options.pad_token_id)
-    work = out[:first_rows].clone()                     # [n_active, P + L] rows still running
-    work[:, :prefix_len] = prefix
-    rows = torch.arange(first_rows, device=device)      # [n_active] their output row
-    steps = torch.zeros(first_rows, dtype=torch.long, device=device)  # [n_active] tokens generated so far
     lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=device)
     terminated = torch.zeros(n_rows, dtype=torch.bool, device=device)
     table = torch.empty(max_new, n_rows, device=device) if options.do_sample else None
     drawn = 0
 
-    n_running, admitted = first_rows, first_rows // expand
-    alive = None if options.drop_finished else torch.ones(first_rows, dtype=torch.bool, device=device)
-    prompt_index = torch.div(rows, expand, rounding_mode="floor")   # [n_active] recomputed when rows change
+    logits, state, active = _start(model, logits, state, prefix, first_row=0, expand=expand, out=out)
+    n_running = admitted * expand
+    alive = None if options.drop_finished else torch.ones(n_running, dtype=torch.bool, device=device)
+    prompt_index = torch.div(active.rows, expand, rounding_mode="floor")   # [n_active], follows active.rows
     bar = _progress(max_new if refill is None else n_rows, progress)
     step = 0
     while True:
-        scores = _apply(processors, work[:, :prefix_len + step], logits, prompt_index)
+        scores = _apply(processors, active.work[:, :prefix_len + step], logits, prompt_index)
         if options.do_sample:
             scores = _warp(scores, options, eos)
             drawn = _uniforms(table, drawn, min(step + 1, max_new), options.generator)
-            tokens, best = _sample_rows(scores, table[steps, rows])
+            tokens, best = _sample_rows(scores, table[active.steps, active.rows])
         else:
             best, tokens = scores.max(dim=-1)
         # max propagates NaN: without processors or warpers the scores' maxima double as the NaN check
         raw_max = best if scores is logits and not options.do_sample else logits.amax(dim=-1)
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
-        work.scatter_(1, (prefix_len + steps).unsqueeze(1), tokens.unsqueeze(1))
-        steps += 1
+        active.work.scatter_(1, (prefix_len + active.steps).unsqueeze(1), tokens.unsqueeze(1))
+        active.steps.add_(1)
         ended = _is_eos(tokens, eos)
-        finished = ended | (steps == max_new)
+        finished = ended | (active.steps == max_new)
         if alive is not None:
             finished = finished & alive
         n_finished = _check_step(step, raw_max, best, finished.sum())
-        if refill is None:
-            bar.update(1)
+        bar.update(1 if refill is None else n_finished)
         if n_finished:
-            bar.update(n_finished if refill is not None else 0)
             gone = finished.nonzero().squeeze(1)
-            out[rows[gone]] = work[gone]
-            lengths[rows[gone]] = steps[gone]
-            terminated[rows[gone]] = ended[gone]
+            out[active.rows[gone]] = active.work[gone]
+            lengths[active.rows[gone]] = active.steps[gone]
+            terminated[active.rows[gone]] = ended[gone]
             n_running -= n_finished
             if alive is not None:
                 alive = alive & ~finished
             elif n_running:
                 keep = (~finished).nonzero().squeeze(1)
-                rows, work, tokens, steps = rows[keep], work[keep], tokens[keep], steps[keep]
-                state = model.select(state, keep)
+                active, tokens, state = active.take(keep), tokens[keep], model.select(state, keep)
         if n_running:
             logits, state = model.step(tokens, state)
-        count = 0
-        if waiting:
-            free = refill.capacity - n_running
-            count = min(waiting, free // expand)
-            if count * expand < refill.threshold and count < waiting and n_running:
-                count = 0  # wait for more free rows: fewer, larger prefills
-        if count:
-            new_logits, new_state, new_prefix = refill.admit(count)
-            new_rows = admitted * expand + torch.arange(count * expand, device=device)
-            if expand > 1:
-                index = torch.arange(count, device=device).repeat_interleave(expand)
-                new_state, new_logits, new_prefix = (model.select(new_state, index), new_logits[index],
-                                                     new_prefix[index])
-            new_work = out[new_rows].clone()
-            new_work[:, :prefix_len] = new_prefix
+        count = min(waiting, (refill.capacity - n_running) // expand) if waiting else 0
+        if count and (count * expand >= refill.threshold or count == waiting or not n_running):
+            new_logits, new_state, new_active = _start(model, *refill.admit(count), first_row=admitted * expand,
+                                                       expand=expand, out=out)
             if n_running:
                 logits, state = torch.cat([logits, new_logits]), refill.merge(state, new_state)
-                rows, work = torch.cat([rows, new_rows]), torch.cat([work, new_work])
-                steps = torch.cat([steps, steps.new_zeros(count * expand)])
+                active = active.join(new_active)
             else:
-                logits, state, rows, work = new_logits, new_state, new_rows, new_work
-                steps = steps.new_zeros(count * expand)
+                logits, state, active = new_logits, new_state, new_active
             n_running += count * expand
             admitted, waiting = admitted + count, waiting - count
-        if not n_running:
+        elif not n_running:
             break
-        if count or (n_finished and alive is None):
-            prompt_index = torch.div(rows, expand, rounding_mode="floor")
+        prompt_index = torch.div(active.rows, expand, rounding_mode="floor") if expand > 1 else active.rows
         step += 1
     bar.close()
     width = prefix_len + int(lengths.max()) if n_rows else prefix_len
