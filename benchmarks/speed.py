@@ -15,7 +15,11 @@ Two sections:
 2. The non-termination workload: WikiText-2 test prompts (first 10 words), long ``max_new_tokens``,
    greedy / nucleus 0.4 / beam 4 in batches of 32: wall time, generated tokens per second, the share of
    rows that stopped with eos, and whether the tokens are identical. The LSTM has no ``model.generate``:
-   there ``drop_finished=True`` is compared with ``drop_finished=False`` of the same loop.
+   there ``drop_finished=True`` is compared with ``drop_finished=False`` of the same loop. With more prompts
+   than one batch, ours also decodes all of them in one call with ``max_batch_size`` = the batch size
+   (continuous batching), timed against the sum of the baseline's batches. ``--models smollm2-st`` /
+   ``smollm2-nmst`` time the quick non-termination benchmark's self-terminating fine-tunes, with
+   ``model.generate`` running the same head as a logits processor.
 
 Peak resident memory (the kernel's ``VmHWM``, reset before every run) is recorded for every run.
 """
