@@ -162,8 +162,9 @@ def generate(
             sampling then refill the rows that finish with the next prompts (continuous batching), when
             the step model can ``merge`` states (decoder-only transformers models, the RNN/LSTM LMs, the
             self-terminating wrappers of those) and no logits processor needs whole-batch lengths
-            (repetition penalty, min/forced lengths, user processors); otherwise, and in beam search, the
-            prompts are decoded in consecutive chunks. Each prompt gets the tokens it gets without the
+            (repetition penalty, min/forced lengths, user processors); beam search refills too, a whole
+            prompt's beams at a time. Otherwise, and in beam sampling, the prompts are decoded in
+            consecutive chunks. Each prompt gets the tokens it gets without the
             limit (seeded sampling too, when refilling; chunks draw in chunk order), up to floating-point
             effects of batch composition. None: all prompts at once.
         progress: show a tqdm bar over decoding steps.
@@ -204,8 +205,8 @@ def generate(
     capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])
     if not options.use_cache:
         step_model = _uncached(step_model)
-    refilling = (capacity is not None and not options.is_beam_search and options.drop_finished
-                 and callable(getattr(step_model, "merge", None)))
+    refilling = (capacity is not None and options.drop_finished and callable(getattr(step_model, "merge", None))
+                 and not (options.is_beam_search and options.do_sample))
     if options.use_cache and hasattr(step_model, "reserving"):
         # refilled rows start at later columns of the cache: room for half a decode more saves regrowing
         step_model = step_model.reserving(options.max_new_tokens * 3 // 2 if refilling else options.max_new_tokens)
@@ -246,7 +247,7 @@ def _check_max_batch_size(max_batch_size: Any, per_prompt: int, n_prompts: int) 
 
 def _decode_refilling(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
                       options: DecodeOptions, prompts_at_once: int, progress: bool) -> torch.LongTensor | GenerateOutput:
-    """Greedy/sampling with at most ``prompts_at_once`` prompts decoding, refilled as rows finish."""
+    """At most ``prompts_at_once`` prompts decoding, the next ones admitted as rows (beams) finish."""
     admitted = prompts_at_once
 
     def admit(count: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
@@ -256,11 +257,13 @@ def _decode_refilling(step_model: StepModel, input_ids: torch.LongTensor, attent
         return step_model.prefill(input_ids[rows], attention_mask[rows])
 
     logits, state, prefix = step_model.prefill(input_ids[:prompts_at_once], attention_mask[:prompts_at_once])
-    rows_at_once = prompts_at_once * options.num_return_sequences
+    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
+    rows_at_once = prompts_at_once * per_prompt
     refill = Refill(admit=admit, merge=step_model.merge, prompts=input_ids.shape[0] - prompts_at_once,
-                    capacity=rows_at_once, threshold=max(options.num_return_sequences, rows_at_once // 8))
-    result = sample_search(step_model, logits, state, prefix, options=options, processors=[], progress=progress,
-                           refill=refill)
+                    capacity=rows_at_once, threshold=max(per_prompt, rows_at_once // 8))
+    search = beam_search if options.is_beam_search else sample_search
+    result = search(step_model, logits, state, prefix, options=options, processors=[], progress=progress,
+                    refill=refill)
     return _shape_output(result, options)
 
 

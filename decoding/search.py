@@ -261,9 +261,32 @@ class _Beams:
     fin_flag: torch.BoolTensor   # [A, nb] slot holds a real finished hypothesis
     fin_len: torch.LongTensor    # [A, nb] generated length of each finished hypothesis
     open: torch.BoolTensor       # [A, 1] the best finished list may still improve
+    steps: torch.LongTensor      # [A] tokens generated so far (prompts admitted later are behind)
+
+    @classmethod
+    def start(cls, prefix: torch.LongTensor, *, first_prompt: int, num_beams: int, max_new: int,
+              pad_token_id: int) -> "_Beams":
+        """Fresh beams for prompts ``first_prompt, first_prompt + 1, ...`` with ``prefix [A, P]``."""
+        count, prefix_len = prefix.shape
+        device = prefix.device
+        run_seq = prefix.new_full((count, num_beams, prefix_len + max_new), pad_token_id)
+        run_seq[:, :, :prefix_len] = prefix[:, None, :]
+        run_score = torch.zeros(count, num_beams, device=device)
+        run_score[:, 1:] = _BIG_NEGATIVE  # one live beam per prompt until the first expansion
+        return cls(
+            prompts=first_prompt + torch.arange(count, device=device), run_seq=run_seq, run_score=run_score,
+            fin_seq=run_seq.clone(), fin_score=torch.full((count, num_beams), _BIG_NEGATIVE, device=device),
+            fin_flag=torch.zeros(count, num_beams, dtype=torch.bool, device=device),
+            fin_len=torch.zeros(count, num_beams, dtype=torch.long, device=device),
+            open=torch.ones(count, 1, dtype=torch.bool, device=device),
+            steps=torch.zeros(count, dtype=torch.long, device=device),
+        )
 
     def take(self, keep: torch.LongTensor) -> "_Beams":
         return _Beams(*(getattr(self, name)[keep] for name in self.__dataclass_fields__))
+
+    def join(self, other: "_Beams") -> "_Beams":
+        return _Beams(*(torch.cat([getattr(self, name), getattr(other, name)]) for name in self.__dataclass_fields__))
 
 
 def _gather(tensor: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
@@ -271,6 +294,12 @@ def _gather(tensor: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
+
+
+def _length_divisor(generated: torch.LongTensor, length_penalty: float) -> torch.Tensor:
+    """``[A, 1]`` ``generated ** length_penalty`` in double precision, rounded once to float32, as the Python
+    scalar transformers divides by."""
+    return (generated.double() ** length_penalty).float().unsqueeze(1)
 
 
 def beam_search(
@@ -282,39 +311,39 @@ def beam_search(
     options: DecodeOptions,
     processors: Sequence[Processor],
     progress: bool = False,
+    refill: Refill | None = None,
 ) -> SearchResult:
     """Beam search (or beam sampling with ``do_sample``) with transformers' scoring and stopping rules.
 
     Hypotheses are scored by ``sum log p / generated_length ** length_penalty`` when they finish;
     ``early_stopping`` True stops a prompt once ``num_beams`` hypotheses finished, False stops it when the
     best running beam at its current length cannot beat the worst finished one, "never" uses the maximum
-    length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch.
+    length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch; with
+    ``refill`` (not with sampling or processors) the next prompts take its rows.
     """
+    if refill is not None and (processors or options.do_sample or not options.drop_finished):
+        raise ValueError("refilling beams needs drop_finished, no sampling and no logits processors")
     nb, max_new = options.num_beams, options.max_new_tokens
-    n_prompts, prefix_len = prefix.shape
-    device = prefix.device
+    prefix_len, device = prefix.shape[1], prefix.device
+    admitted, waiting = prefix.shape[0], refill.prompts if refill is not None else 0
+    n_prompts = admitted + waiting
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
 
-    expand = torch.arange(n_prompts, device=device).repeat_interleave(nb)
-    state, logits = model.select(state, expand), logits[expand]
-    run_seq = prefix.new_full((n_prompts, nb, prefix_len + max_new), options.pad_token_id)
-    run_seq[:, :, :prefix_len] = prefix[:, None, :]
-    run_score = torch.zeros(n_prompts, nb, device=device)
-    run_score[:, 1:] = _BIG_NEGATIVE
-    beams = _Beams(
-        prompts=torch.arange(n_prompts, device=device), run_seq=run_seq, run_score=run_score,
-        fin_seq=run_seq.clone(), fin_score=torch.full((n_prompts, nb), _BIG_NEGATIVE, device=device),
-        fin_flag=torch.zeros(n_prompts, nb, dtype=torch.bool, device=device),
-        fin_len=torch.zeros(n_prompts, nb, dtype=torch.long, device=device),
-        open=torch.ones(n_prompts, 1, dtype=torch.bool, device=device),
-    )
+    def start(logits, state, prefix, first_prompt):
+        expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
+        beams = _Beams.start(prefix, first_prompt=first_prompt, num_beams=nb, max_new=max_new,
+                             pad_token_id=options.pad_token_id)
+        return logits[expand], model.select(state, expand), beams
+
+    logits, state, beams = start(logits, state, prefix, 0)
     results: list[tuple[torch.LongTensor, _Beams]] = []
-    bar = _progress(max_new, progress)
-    for step in range(max_new):
+    bar = _progress(max_new if refill is None else n_prompts, progress)
+    step = 0
+    while True:
         cur_len, n_active = prefix_len + step, beams.prompts.numel()
-        history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]
+        history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]   # processors: never when refilling
         log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1),
                            beams.prompts.repeat_interleave(nb))
         if options.do_sample:
@@ -332,10 +361,10 @@ def beam_search(
             top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
         parent, token = top_index // vocab, top_index % vocab
         cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
-        cand_seq[:, :, cur_len] = token
-        hits = _is_eos(token, eos)
-        if step + 1 >= max_new:
-            hits = torch.ones_like(hits)
+        column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
+        cand_seq.scatter_(2, column, token.unsqueeze(-1))
+        generated = beams.steps + 1                                           # [A] length after this token
+        hits = _is_eos(token, eos) | (generated >= max_new)[:, None]
 
         # Running beams for the next step: the best nb candidates that did not finish.
         running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
@@ -346,7 +375,7 @@ def beam_search(
 
         # Finished list: candidates among the top nb that just finished, if they beat the current ones.
         just = hits & top_nb[None, :]
-        fin_cand = top_lp / ((step + 1) ** options.length_penalty)
+        fin_cand = top_lp / _length_divisor(generated, options.length_penalty)
         full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
         fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
         fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
@@ -356,12 +385,13 @@ def beam_search(
         beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
         beams.fin_score = _gather(merged_score, best)
         beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
-        beams.fin_len = _gather(torch.cat([beams.fin_len, torch.full_like(token, step + 1)], dim=1), best)
+        beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(token)], dim=1), best)
+        beams.steps = generated
 
         # Can the best running beam still beat the worst finished one?
         never = options.early_stopping == "never" and options.length_penalty > 0.0
-        best_len = max_new if never else step + 1
-        best_running = beams.run_score[:, :1] / (best_len ** options.length_penalty)
+        best_len = torch.full_like(generated, max_new) if never else generated
+        best_running = beams.run_score[:, :1] / _length_divisor(best_len, options.length_penalty)
         worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values,
                                      _BIG_NEGATIVE)
         beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
@@ -370,19 +400,30 @@ def beam_search(
             done = done | beams.fin_flag.all(dim=-1)
         best = log_probs.amax(dim=-1)  # log_softmax spreads a NaN logit over its whole row
         n_done = _check_step(step, best, best, done.sum())
-        bar.update(1)
+        bar.update(1 if refill is None else n_done)
 
         rows = (run_parent + torch.arange(n_active, device=device)[:, None] * nb).view(-1)
-        if n_done == n_active:
-            results.append((beams.prompts, beams))
-            break
-        if n_done and options.drop_finished:
+        if n_done == n_active or (n_done and options.drop_finished):
             results.append((beams.prompts[done], beams.take(done.nonzero().squeeze(1))))
             keep = (~done).nonzero().squeeze(1)
             beams = beams.take(keep)
             rows = rows.view(n_active, nb)[keep].view(-1)
-        state = model.select(state, rows)
-        logits, state = model.step(beams.run_seq[:, :, cur_len].reshape(-1), state)
+        n_active = beams.prompts.numel()
+        if n_active:
+            last = beams.run_seq.gather(2, (prefix_len + beams.steps - 1)[:, None, None].expand(-1, nb, 1))
+            logits, state = model.step(last.reshape(-1), model.select(state, rows))
+        count = min(waiting, refill.capacity // nb - n_active) if waiting else 0
+        if count and (count * nb >= refill.threshold or count == waiting or not n_active):
+            new_logits, new_state, new_beams = start(*refill.admit(count), admitted)
+            if n_active:
+                logits, state = torch.cat([logits, new_logits]), refill.merge(state, new_state)
+                beams = beams.join(new_beams)
+            else:
+                logits, state, beams = new_logits, new_state, new_beams
+            admitted, waiting = admitted + count, waiting - count
+        elif not n_active:
+            break
+        step += 1
     bar.close()
     return _collect_beams(results, n_prompts, options, eos, prefix_len)
 

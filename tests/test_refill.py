@@ -17,6 +17,8 @@ STRATEGIES = {
     "greedy": {},
     "top-k": {"do_sample": True, "top_k": 8},
     "nucleus x3": {"do_sample": True, "top_p": 0.9, "num_return_sequences": 3},
+    "beam 3 x2": {"num_beams": 3, "num_return_sequences": 2},
+    "beam 2 never": {"num_beams": 2, "length_penalty": 0.7, "early_stopping": "never"},
 }
 
 
@@ -42,9 +44,9 @@ def _model(kind: str) -> torch.nn.Module:
     return tiny_model(kind, eos_boost=2.0)
 
 
-# random self-terminating heads put eos first at step 1 under greedy decoding: they are checked sampling
+# random self-terminating heads put eos first at step 1 under greedy and beam search: they are checked sampling
 CASES = [(kind, strategy) for kind in ("gpt2", "llama", "lstm", "lstm-nmst", "gpt2-st") for strategy in STRATEGIES
-         if not (strategy == "greedy" and kind in ("lstm-nmst", "gpt2-st"))]
+         if STRATEGIES[strategy].get("do_sample") or kind not in ("lstm-nmst", "gpt2-st")]
 
 
 @pytest.fixture
@@ -76,11 +78,13 @@ def _both(model, ids, mask, *, limit: int, **options):
 def test_refilling_gives_the_tokens_of_one_batch(kind, strategy, merges):
     ids, mask = left_padded_prompts(seed=1, batch=17, length=6)
     options = STRATEGIES[strategy]
-    limit = 6 if options.get("num_return_sequences") else 5
+    limit = 6 if options.get("num_return_sequences") or options.get("num_beams") else 5
     whole, limited = _both(_model(kind), ids, mask, limit=limit, **options)
     assert torch.equal(whole.sequences, limited.sequences)
     assert torch.equal(whole.lengths, limited.lengths)
     assert torch.equal(whole.terminated, limited.terminated)
+    if whole.sequences_scores is not None:  # attention over other rows' masked columns: last-bit differences
+        assert torch.allclose(whole.sequences_scores, limited.sequences_scores, rtol=1e-5, atol=1e-6)
     assert merges, "no prompt was admitted next to running rows: the refill path did not run"
     lengths = whole.lengths.tolist()
     assert min(lengths) < max(lengths), "rows must finish at different steps for the check to mean anything"
@@ -113,9 +117,9 @@ def test_refilling_uncached_matches(merges):
 
 
 @pytest.mark.parametrize("options", [
-    {"num_beams": 3, "num_return_sequences": 2},                     # beam search: chunks
     {"repetition_penalty": 1.3},                                      # a processor: chunks
     {"min_new_tokens": 4},
+    {"num_beams": 3, "num_return_sequences": 2, "no_repeat_ngram_size": 2},
 ])
 def test_chunked_decoding_matches(options, merges):
     model = _model("gpt2")
@@ -126,7 +130,18 @@ def test_chunked_decoding_matches(options, merges):
     assert torch.equal(whole.lengths, limited.lengths)
     if whole.sequences_scores is not None:
         assert torch.allclose(whole.sequences_scores, limited.sequences_scores)
-    assert not merges, "with processors or beams the prompts go in chunks, never merged"
+    assert not merges, "with processors the prompts go in chunks, never merged"
+
+
+def test_beam_sampling_goes_in_chunks(merges):
+    """Beam sampling draws its noise per prompt and step for all prompts of a call: chunked, not refilled."""
+    model = _model("gpt2")
+    ids, mask = left_padded_prompts(seed=4, batch=7, length=6)
+    kw = dict(num_beams=2, do_sample=True, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
+    first, again = (generate(model, ids, mask, generator=torch.Generator().manual_seed(0), max_batch_size=4, **kw)
+                    for _ in range(2))
+    assert torch.equal(first, again) and first.shape[0] == 7
+    assert not merges
 
 
 def test_chunked_encoder_decoder_matches():
