@@ -536,9 +536,9 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
     """Decode all prompts in batches, contenders alternating within each batch (``repeats`` rounds, median
     time per batch); totals over batches and per-batch ratios.
 
-    With ``refill`` (greedy and sampling, more prompts than one batch): then also all prompts in one call
-    of ours with ``max_batch_size=batch_size`` (continuous batching), its contenders alternating with each
-    other; its tokens are checked against the baseline's batches (greedy).
+    With ``refill`` (more prompts than one batch): then also all prompts in one call of ours with
+    ``max_batch_size`` = the rows of one batch (continuous batching), its contenders alternating with each
+    other; its tokens are checked against the baseline's batches (greedy and beam).
     """
     from benchmarks.data import prompt_batch
 
@@ -567,10 +567,11 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
                     for n in ("ours", baseline))
             identical = identical and a.shape == b.shape and bool(torch.equal(a, b))
     refill_identical = None
-    if refill and strategy != "beam4" and len(prompts) > batch_size:
+    if refill and len(prompts) > batch_size:
         input_ids, mask = prompt_batch([subject.encode(words) for words in prompts], pad_id=subject.pad_token_id)
+        rows = batch_size * WORKLOAD_STRATEGIES[strategy].get("num_beams", 1)   # the baseline's batch, in rows
         runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=0,
-                                             refill_rows=batch_size), repeats=repeats)
+                                             refill_rows=rows), repeats=repeats)
         for name, name_runs in runs.items():
             _add_total(totals, name, name_runs, prefix=input_ids.shape[1], rows=input_ids.shape[0],
                        eos=subject.eos_token_id)

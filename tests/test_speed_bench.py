@@ -20,12 +20,11 @@ PROMPTS = [f"w{i} x{i * 7} y{i % 3} z".split()[: 2 + i % 3] for i in range(6)]
 def test_workload_search_matches_transformers(strategy):
     cell = workload_cell(_subject(), PROMPTS, strategy=strategy, max_new=12, batch_size=4, repeats=1)
     assert cell["identical"] is True
-    refill = {"ours-refill"} if strategy == "greedy" else set()  # beam search has no refill (chunks only)
-    assert set(cell["totals"]) == {"transformers", "ours"} | refill
-    assert cell["totals"]["ours"]["rows"] == len(PROMPTS)
+    assert set(cell["totals"]) == {"transformers", "ours", "ours-refill"}
+    assert cell["totals"]["ours"]["rows"] == cell["totals"]["ours-refill"]["rows"] == len(PROMPTS)
     assert cell["ratio_consistent"] is None
-    assert cell["refill_identical"] is (True if refill else None)
-    assert (cell["ratio_refill"] is not None) == bool(refill)
+    assert cell["refill_identical"] is True
+    assert set(cell["ratio_refill"]) == {"wall", "cpu"}
     assert 0 < cell["row_step_share"] <= 1
 
 
