@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from .kv_cache import merge_caches, reserve_cache
+from .kv_cache import merge_caches, mergeable, reserve_cache
 
 __all__ = ["CausalLMStepModel", "Seq2SeqStepModel", "hf_step_model"]
 
@@ -127,6 +127,11 @@ class CausalLMStepModel:
         return _CausalState(cache=_reorder(state.cache, index), attention_mask=rows(state.attention_mask),
                             next_position=rows(state.next_position), tokens=rows(state.tokens),
                             positions=rows(state.positions))
+
+    def mergeable(self, state: _CausalState) -> bool:
+        """Whether :meth:`merge` can take ``state``: no cache, or a plain dynamic KV cache (not sliding-window
+        or other layer kinds, which cannot be realigned)."""
+        return state.cache is None or mergeable(state.cache)
 
     def merge(self, state: _CausalState, other: _CausalState) -> _CausalState:
         """The rows of ``state`` followed by those of ``other`` (a later prefill), for continuous batching.

@@ -221,17 +221,20 @@ def generate(
         logits, state, prefix = step_model.prefill(input_ids, attention_mask)
         return decode_prefilled(step_model, logits, state, prefix, options=options,
                                 processors=processors_for(slice(None)), progress=progress)
-    chunk = capacity // per_prompt
-    if refilling and not processors_for(slice(0, chunk)):
-        return _decode_refilling(step_model, input_ids, attention_mask, options=options, prompts_at_once=chunk,
-                                 progress=progress)
+    chunk, search = capacity // per_prompt, beam_search if options.is_beam_search else sample_search
     results = []
-    for start in range(0, input_ids.shape[0], chunk):
+    for start in range(0, input_ids.shape[0], chunk):  # one chunk, refilled with the rest, or chunk after chunk
         rows = slice(start, start + chunk)
+        processors = processors_for(rows)
         logits, state, prefix = step_model.prefill(input_ids[rows], attention_mask[rows])
-        search = beam_search if options.is_beam_search else sample_search
-        results.append(search(step_model, logits, state, prefix, options=options, processors=processors_for(rows),
-                              progress=progress))
+        refill = None
+        if refilling and not processors and getattr(step_model, "mergeable", lambda _: True)(state):
+            refill = _refill(step_model, input_ids, attention_mask, first=start + chunk, rows=chunk * per_prompt,
+                             per_prompt=per_prompt)
+        results.append(search(step_model, logits, state, prefix, options=options, processors=processors,
+                              progress=progress, refill=refill))
+        if refill is not None:
+            break
     return _shape_output(_concat_results(results, options.pad_token_id), options)
 
 
@@ -245,26 +248,19 @@ def _check_max_batch_size(max_batch_size: Any, per_prompt: int, n_prompts: int) 
     return None if n_prompts * per_prompt <= max_batch_size else max_batch_size
 
 
-def _decode_refilling(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
-                      options: DecodeOptions, prompts_at_once: int, progress: bool) -> torch.LongTensor | GenerateOutput:
-    """At most ``prompts_at_once`` prompts decoding, the next ones admitted as rows (beams) finish."""
-    admitted = prompts_at_once
+def _refill(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *, first: int,
+            rows: int, per_prompt: int) -> Refill:
+    """Prompts ``first, first + 1, ...`` waiting for rows of a batch of at most ``rows`` rows."""
+    admitted = first
 
     def admit(count: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
         nonlocal admitted
-        rows = slice(admitted, admitted + count)
+        chunk = slice(admitted, admitted + count)
         admitted += count
-        return step_model.prefill(input_ids[rows], attention_mask[rows])
+        return step_model.prefill(input_ids[chunk], attention_mask[chunk])
 
-    logits, state, prefix = step_model.prefill(input_ids[:prompts_at_once], attention_mask[:prompts_at_once])
-    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
-    rows_at_once = prompts_at_once * per_prompt
-    refill = Refill(admit=admit, merge=step_model.merge, prompts=input_ids.shape[0] - prompts_at_once,
-                    capacity=rows_at_once, threshold=max(per_prompt, rows_at_once // 8))
-    search = beam_search if options.is_beam_search else sample_search
-    result = search(step_model, logits, state, prefix, options=options, processors=[], progress=progress,
-                    refill=refill)
-    return _shape_output(result, options)
+    return Refill(admit=admit, merge=step_model.merge, prompts=input_ids.shape[0] - first, capacity=rows,
+                  threshold=max(per_prompt, rows // 8))
 
 
 def _concat_results(results: Sequence[SearchResult], pad_token_id: int) -> SearchResult:
@@ -283,9 +279,8 @@ def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, pr
     """Run the search the options ask for from a prefilled state and shape the result as ``generate``
     returns it (the sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``)."""
     search = beam_search if options.is_beam_search else sample_search
-    result: SearchResult = search(step_model, logits, state, prefix, options=options, processors=processors,
-                                  progress=progress)
-    return _shape_output(result, options)
+    return _shape_output(search(step_model, logits, state, prefix, options=options, processors=processors,
+                                progress=progress), options)
 
 
 def _shape_output(result: SearchResult, options: DecodeOptions) -> torch.LongTensor | GenerateOutput:

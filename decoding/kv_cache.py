@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["ReservedLayer", "reserve_cache", "merge_caches"]
+__all__ = ["ReservedLayer", "reserve_cache", "merge_caches", "mergeable"]
 
 _MIN_GROWTH = 64  # tokens added when a write overruns the reservation (then half the length, amortised O(1))
 
@@ -231,6 +231,12 @@ def reserve_cache(cache: Any, reserve: int) -> Any:
     return cache
 
 
+def mergeable(cache: Any) -> bool:
+    """Whether :func:`merge_caches` can take ``cache``: every layer a :class:`ReservedLayer`."""
+    layers = getattr(cache, "layers", None)
+    return isinstance(layers, list) and all(isinstance(layer, ReservedLayer) for layer in layers)
+
+
 def merge_caches(cache: Any, other: Any, *, width: int, drop: int = 0) -> Any:
     """The rows of ``other`` appended to ``cache`` (in place), every row right-aligned to ``width`` columns,
     then the first ``drop`` columns (hidden from every row) forgotten. Returns ``cache``.
@@ -239,13 +245,10 @@ def merge_caches(cache: Any, other: Any, *, width: int, drop: int = 0) -> Any:
     makes of plain ``DynamicLayer`` caches); sliding-window and other layer kinds cannot be realigned.
     """
     layers, other_layers = getattr(cache, "layers", None), getattr(other, "layers", None)
-    if not isinstance(layers, list) or not isinstance(other_layers, list) or len(layers) != len(other_layers):
-        raise NotImplementedError(f"merging rows needs two caches with the same layers, got {type(cache).__name__} "
-                                  f"and {type(other).__name__}")
-    kinds = {type(layer).__name__ for layer in layers + other_layers if not isinstance(layer, ReservedLayer)}
-    if kinds:
-        raise NotImplementedError(f"merging rows is supported for plain (dynamic) KV caches only, not {sorted(kinds)}: "
-                                  "decode without max_batch_size, or in beam search (chunks)")
+    if not (mergeable(cache) and mergeable(other)) or len(layers) != len(other_layers):
+        kinds = sorted({type(layer).__name__ for layer in (layers or []) + (other_layers or [])})
+        raise NotImplementedError(f"merging rows needs two caches of the same number of ReservedLayer layers, got "
+                                  f"{type(cache).__name__} and {type(other).__name__} with layers {kinds}")
     for layer, incoming in zip(layers, other_layers):
         layer.append_rows(incoming, width)
         layer.drop_leading(drop)

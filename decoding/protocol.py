@@ -50,7 +50,8 @@ class StepModel(Protocol):
     ``fresh_logits`` (True: every call returns logits in a new tensor nobody else holds, so the loop may
     modify them in place instead of copying; leave it unset when logits can alias the model's own data)
     and ``merge(state, other)`` (the rows of ``state`` followed by the rows of ``other``, a state from a
-    later ``prefill``: lets ``generate(max_batch_size=...)`` admit new prompts into rows that finished).
+    later ``prefill``: lets ``generate(max_batch_size=...)`` admit new prompts into rows that finished),
+    with ``mergeable(state)`` when only some states can be merged (``generate`` then decodes in chunks).
     """
 
     vocab_size: int

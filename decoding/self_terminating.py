@@ -383,6 +383,7 @@ class SelfTerminatingStepModel:
         self.is_encoder_decoder = bool(getattr(inner, "is_encoder_decoder", False))
         if callable(getattr(inner, "merge", None)):  # mergeable exactly when the inner model is
             self.merge = self._merge
+            self.mergeable = lambda state: getattr(inner, "mergeable", lambda _: True)(state.inner)
 
     def uncached(self) -> SelfTerminatingStepModel:
         """The same head over the inner model's uncached variant (``generate(..., use_cache=False)``)."""

@@ -214,5 +214,16 @@ def test_merge_caches_refuses_layers_it_cannot_realign():
     plain.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), 0)
     other = DynamicCache()
     other.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), 0)
-    with pytest.raises(NotImplementedError, match="dynamic"):
+    with pytest.raises(NotImplementedError, match="ReservedLayer"):
         merge_caches(plain, other, width=3)
+
+
+def test_a_cache_that_cannot_merge_falls_back_to_chunks(monkeypatch, merges):
+    """Sliding-window and other non-dynamic caches: generate sees it after the first prefill and goes in
+    chunks instead of failing at the first admission."""
+    monkeypatch.setattr(adapters.CausalLMStepModel, "mergeable", lambda self, state: False)
+    model = _model("gpt2")
+    ids, mask = left_padded_prompts(seed=1, batch=9, length=6)
+    whole, limited = _both(model, ids, mask, limit=4)
+    assert torch.equal(whole.sequences, limited.sequences)
+    assert not merges
