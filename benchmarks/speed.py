@@ -743,7 +743,7 @@ PLANS = {
     "full": Plan(repeats=3, small_steps=48, large_steps=12, smollm2_prompts=16, smollm2_length=1000,
                  smollm2_beam_prompts=4, lstm_prompts=64, lstm_length=1000, smollm2_repeats=1),
     "quick": Plan(repeats=3, small_steps=24, large_steps=6, smollm2_prompts=32, smollm2_length=24,
-                  smollm2_beam_prompts=8, lstm_prompts=32, lstm_length=200, smollm2_repeats=1),
+                  smollm2_beam_prompts=8, lstm_prompts=64, lstm_length=200, smollm2_repeats=1),
 }
 
 

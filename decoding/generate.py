@@ -166,7 +166,9 @@ def generate(
             prompt's beams at a time. Otherwise, and in beam sampling, the prompts are decoded in
             consecutive chunks. Each prompt gets the tokens it gets without the
             limit (seeded sampling too, when refilling; chunks draw in chunk order), up to floating-point
-            effects of batch composition. None: all prompts at once.
+            effects of batch composition. Pays off where rows end early; in a transformers model's KV cache
+            every row attends over the span of the oldest running row, so with long rows it can be slower
+            than decoding without a limit. None: all prompts at once.
         progress: show a tqdm bar over decoding steps.
         **kwargs: transformers' generation options (see ``decoding.options.SUPPORTED_OPTIONS``).
 

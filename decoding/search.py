@@ -98,8 +98,9 @@ def _is_eos(tokens: torch.LongTensor, eos: torch.LongTensor | None) -> torch.Boo
     return tokens == eos if eos.numel() == 1 else torch.isin(tokens, eos)
 
 
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, disable=not enabled, desc="decoding", unit="tok", leave=False)
+def _progress(total: int, enabled: bool, unit: str = "tok") -> tqdm:
+    """A bar over decoding steps ("tok"), or over finished rows or prompts when refilling."""
+    return tqdm(total=total, disable=not enabled, desc="decoding", unit=unit, leave=False)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def sample_search(
     n_running = admitted * expand
     alive = None if options.drop_finished else torch.ones(n_running, dtype=torch.bool, device=device)
     prompt_index = torch.div(active.rows, expand, rounding_mode="floor")   # [n_active], follows active.rows
-    bar = _progress(max_new if refill is None else n_rows, progress)
+    bar = _progress(max_new, progress) if refill is None else _progress(n_rows, progress, unit="seq")
     step = 0
     while True:
         scores = _apply(processors, active.work[:, :prefix_len + step], logits, prompt_index)
@@ -339,7 +340,7 @@ def beam_search(
 
     logits, state, beams = start(logits, state, prefix, 0)
     results: list[tuple[torch.LongTensor, _Beams]] = []
-    bar = _progress(max_new if refill is None else n_prompts, progress)
+    bar = _progress(max_new, progress) if refill is None else _progress(n_prompts, progress, unit="prompt")
     step = 0
     while True:
         cur_len, n_active = prefix_len + step, beams.prompts.numel()
