@@ -270,7 +270,7 @@ def load_smollm2_self_terminating(kind: str, folder: Path | None) -> Subject:
     model, eos = subject.model, subject.eos_token_id
     model.lm_head = EosHead(model.model.embed_tokens.weight, eos)
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or not set(state) <= {name for name, _ in model.named_parameters()}:
         raise RuntimeError(f"{weights} does not fit SmolLM2: unexpected {sorted(unexpected)[:5]}")
     epsilon = QUICK.smol.epsilon

@@ -103,9 +103,9 @@ def _progress(total: int, enabled: bool, unit: str = "tok") -> tqdm:
     return tqdm(total=total, disable=not enabled, desc="decoding", unit=unit, leave=False)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Refill:
-    """Prompts still waiting for a row of the batch (continuous batching).
+    """Prompts still waiting for a row of the batch (continuous batching); a search consumes it.
 
     ``admit(k)`` prefills the next ``k`` prompts and returns their ``(logits [k, V], state, prefix [k, P])``;
     ``merge(state, other)`` is the step model's: the rows of ``state`` followed by those of ``other``.
@@ -116,6 +116,19 @@ class Refill:
     prompts: int     # prompts not admitted yet
     capacity: int    # most rows decoding at once
     threshold: int   # admit once at least this many rows are free (fewer, larger prefills)
+
+    def due(self, running_rows: int, rows_per_prompt: int) -> int:
+        """How many prompts to admit now (0: wait): as many as the free rows hold, once at least
+        ``threshold`` rows are free, every waiting prompt fits, or the batch is empty."""
+        count = min(self.prompts, (self.capacity - running_rows) // rows_per_prompt)
+        if count and (count * rows_per_prompt >= self.threshold or count == self.prompts or not running_rows):
+            return count
+        return 0
+
+    def take(self, count: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
+        """Prefill the next ``count`` prompts (no longer waiting)."""
+        self.prompts -= count
+        return self.admit(count)
 
 
 def _uniforms(table: torch.Tensor, drawn: int, upto: int, generator: torch.Generator | None) -> int:
@@ -182,8 +195,8 @@ def sample_search(
                          "lengths)")
     expand, max_new = options.num_return_sequences, options.max_new_tokens
     device, prefix_len = prefix.device, prefix.shape[1]
-    admitted, waiting = prefix.shape[0], refill.prompts if refill is not None else 0
-    n_rows = (admitted + waiting) * expand
+    n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
+    n_rows = n_prompts * expand
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     out = prefix.new_full((n_rows, prefix_len + max_new), options.pad_token_id)
     lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=device)
@@ -192,7 +205,7 @@ def sample_search(
     drawn = 0
 
     logits, state, active = _start(model, logits, state, prefix, first_row=0, expand=expand, out=out)
-    n_running = admitted * expand
+    n_running = prefix.shape[0] * expand
     alive = None if options.drop_finished else torch.ones(n_running, dtype=torch.bool, device=device)
     prompt_index = torch.div(active.rows, expand, rounding_mode="floor")   # [n_active], follows active.rows
     bar = _progress(max_new, progress) if refill is None else _progress(n_rows, progress, unit="seq")
@@ -230,9 +243,10 @@ def sample_search(
                 active, tokens, state = active.take(keep), tokens[keep], model.select(state, keep)
         if n_running:
             logits, state = model.step(tokens, state)
-        count = min(waiting, (refill.capacity - n_running) // expand) if waiting else 0
-        if count and (count * expand >= refill.threshold or count == waiting or not n_running):
-            new_logits, new_state, new_active = _start(model, *refill.admit(count), first_row=admitted * expand,
+        count = refill.due(n_running, expand) if refill is not None else 0
+        if count:
+            first_row = (n_prompts - refill.prompts) * expand
+            new_logits, new_state, new_active = _start(model, *refill.take(count), first_row=first_row,
                                                        expand=expand, out=out)
             if n_running:
                 logits, state = torch.cat([logits, new_logits]), refill.merge(state, new_state)
@@ -240,7 +254,6 @@ def sample_search(
             else:
                 logits, state, active = new_logits, new_state, new_active
             n_running += count * expand
-            admitted, waiting = admitted + count, waiting - count
         elif not n_running:
             break
         prompt_index = torch.div(active.rows, expand, rounding_mode="floor") if expand > 1 else active.rows
@@ -326,8 +339,7 @@ def beam_search(
         raise ValueError("refilling beams needs drop_finished, no sampling and no logits processors")
     nb, max_new = options.num_beams, options.max_new_tokens
     prefix_len, device = prefix.shape[1], prefix.device
-    admitted, waiting = prefix.shape[0], refill.prompts if refill is not None else 0
-    n_prompts = admitted + waiting
+    n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
@@ -413,15 +425,15 @@ def beam_search(
         if n_active:
             last = beams.run_seq.gather(2, (prefix_len + beams.steps - 1)[:, None, None].expand(-1, nb, 1))
             logits, state = model.step(last.reshape(-1), model.select(state, rows))
-        count = min(waiting, refill.capacity // nb - n_active) if waiting else 0
-        if count and (count * nb >= refill.threshold or count == waiting or not n_active):
-            new_logits, new_state, new_beams = start(*refill.admit(count), admitted)
+        count = refill.due(n_active * nb, nb) if refill is not None else 0
+        if count:
+            first_prompt = n_prompts - refill.prompts
+            new_logits, new_state, new_beams = start(*refill.take(count), first_prompt)
             if n_active:
                 logits, state = torch.cat([logits, new_logits]), refill.merge(state, new_state)
                 beams = beams.join(new_beams)
             else:
                 logits, state, beams = new_logits, new_state, new_beams
-            admitted, waiting = admitted + count, waiting - count
         elif not n_active:
             break
         step += 1
