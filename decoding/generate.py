@@ -136,6 +136,7 @@ def generate(
     consistent: bool = False,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
+    beam_rule: str = "transformers",
     max_batch_size: int | None = None,
     progress: bool = False,
     **kwargs: Any,
@@ -158,6 +159,12 @@ def generate(
         drop_finished: take finished rows (prompts, in beam search) out of the batch and the model state
             at once, so they cost nothing. False keeps them in the batch fed with pad, as transformers
             does; the tokens are the same either way (kept for checks and benchmarks).
+        beam_rule: ``"transformers"`` (default): ``model.generate``'s beam search. ``"papers"``: the rule
+            of the self-terminating papers' code (Welleck et al. 2020; Choi et al. 2023): a prompt stops at
+            the first step where one of its ``num_beams`` best candidates ends in eos and returns the best
+            of them by summed log-probability (no length penalty); with none by the cap, its best running
+            beam. Needs ``do_sample=False`` and one return sequence; ``length_penalty`` and
+            ``early_stopping`` do not apply (passing them raises).
         max_batch_size: decode at most this many rows at once (a row: one sequence, one beam). Greedy and
             sampling then refill the rows that finish with the next prompts (continuous batching), when
             the step model can ``merge`` states (decoder-only transformers models, the RNN/LSTM LMs, the
@@ -201,7 +208,7 @@ def generate(
     options = resolve_options(
         model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
         kwargs=kwargs, generation_config=generation_config, logits_processor=logits_processor,
-        consistent=consistent, generator=generator, drop_finished=drop_finished,
+        consistent=consistent, generator=generator, drop_finished=drop_finished, beam_rule=beam_rule,
     )
     per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
     capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])

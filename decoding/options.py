@@ -71,6 +71,7 @@ class DecodeOptions:
     generator: torch.Generator | None
     decoder_start_token_id: int | None
     drop_finished: bool = True
+    beam_rule: str = "transformers"  # or "papers": first finished hypothesis, unnormalised score
 
     @property
     def is_beam_search(self) -> bool:
@@ -133,6 +134,7 @@ def resolve_options(
     consistent: bool = False,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
+    beam_rule: str = "transformers",
 ) -> DecodeOptions:
     """Merge, validate and normalise the options of one ``generate`` call.
 
@@ -252,6 +254,7 @@ def resolve_options(
         for token in ids:
             if not 0 <= token < vocab_size:
                 raise ValueError(f"{name} {token} is outside the vocabulary [0, {vocab_size})")
+    _check_beam_rule(beam_rule, kwargs, do_sample=do_sample, num_return_sequences=num_return_sequences)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
@@ -279,4 +282,25 @@ def resolve_options(
         generator=generator,
         decoder_start_token_id=config.decoder_start_token_id if is_encoder_decoder else None,
         drop_finished=bool(drop_finished),
+        beam_rule=beam_rule,
     )
+
+
+BEAM_RULES = ("transformers", "papers")
+
+
+def _check_beam_rule(beam_rule: str, kwargs: dict[str, Any], *, do_sample: bool, num_return_sequences: int) -> None:
+    """The papers' beam rule returns one hypothesis, unnormalised, from deterministic search."""
+    if beam_rule not in BEAM_RULES:
+        raise ValueError(f"beam_rule must be one of {BEAM_RULES}, got {beam_rule!r}")
+    if beam_rule == "transformers":
+        return
+    if do_sample:
+        raise ValueError("beam_rule='papers' is a rule of deterministic beam search; it needs do_sample=False")
+    if num_return_sequences != 1:
+        raise ValueError(f"beam_rule='papers' returns one hypothesis per prompt; got num_return_sequences="
+                         f"{num_return_sequences}")
+    for name in ("length_penalty", "early_stopping"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name} does not apply with beam_rule='papers' (unnormalised scores, stop at the "
+                             "first finished hypothesis); leave it unset")

@@ -334,6 +334,11 @@ def beam_search(
     best running beam at its current length cannot beat the worst finished one, "never" uses the maximum
     length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch; with
     ``refill`` (not with sampling or processors) the next prompts take its rows.
+
+    ``options.beam_rule == "papers"``: the self-terminating papers' rule instead. A prompt stops at the
+    first step where one of its ``num_beams`` best candidates ends in eos and returns the best of those
+    finished hypotheses by their summed log-probability (no length penalty); a prompt with none by
+    ``max_new_tokens`` returns its best running beam, unfinished.
     """
     if refill is not None and (processors or options.do_sample or not options.drop_finished):
         raise ValueError("refilling beams needs drop_finished, no sampling and no logits processors")
@@ -343,6 +348,7 @@ def beam_search(
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
+    papers = options.beam_rule == "papers"
 
     def start(logits, state, prefix, first_prompt):
         expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
@@ -388,7 +394,7 @@ def beam_search(
 
         # Finished list: candidates among the top nb that just finished, if they beat the current ones.
         just = hits & top_nb[None, :]
-        fin_cand = top_lp / _length_divisor(generated, options.length_penalty)
+        fin_cand = top_lp if papers else top_lp / _length_divisor(generated, options.length_penalty)
         full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
         fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
         fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
@@ -408,8 +414,11 @@ def beam_search(
         worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values,
                                      _BIG_NEGATIVE)
         beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        done = ~beams.open.squeeze(1) | hits.all(dim=-1)
-        if options.early_stopping is True:
+        if papers:  # stop at the first step where one of the nb best candidates ends in eos, or at L
+            done = (_is_eos(token, eos) & top_nb[None, :]).any(dim=-1) | hits.all(dim=-1)
+        else:
+            done = ~beams.open.squeeze(1) | hits.all(dim=-1)
+        if options.early_stopping is True and not papers:
             done = done | beams.fin_flag.all(dim=-1)
         best = log_probs.amax(dim=-1)  # log_softmax spreads a NaN logit over its whole row
         n_done = _check_step(step, best, best, done.sum())

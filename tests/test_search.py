@@ -200,3 +200,52 @@ def test_no_length_limit_falls_back_with_transformers_warning():
         capped = generate(model, GPT2_IDS, do_sample=True, top_k=2, consistent=True,
                           generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
     assert (capped.lengths <= 20).all()
+
+
+# The papers' beam rule (Welleck et al. 2020; Choi et al. 2023): stop at the first finished hypothesis.
+EARLY_EOS_THEN_LOOP = [
+    [0.3, 0.7 - 1e-6, 1e-6],      # step 0: eos is the 2nd best candidate
+    [0.005, 0.99, 0.005],         # later: "a" forever, eos never in the top 2 of the live beam
+]
+
+
+def test_papers_beam_rule_returns_the_finished_short_hypothesis_not_the_unfinished_long_one():
+    common = dict(num_beams=2, max_new_tokens=6, eos_token_id=EOS_ID, pad_token_id=B, return_dict_in_generate=True)
+    hf_rule = generate(TableModel(EARLY_EOS_THEN_LOOP), torch.tensor([[A]]), **common)
+    # transformers' rule: "a a a a a a" (unfinished, normalised score ~ -0.07) beats "eos" (ln .3 = -1.2)
+    assert not hf_rule.terminated[0] and hf_rule.lengths[0] == 6
+    papers = generate(TableModel(EARLY_EOS_THEN_LOOP), torch.tensor([[A]]), beam_rule="papers", **common)
+    assert papers.terminated[0] and papers.lengths[0] == 1
+    assert papers.sequences[0, 1:].tolist() == [EOS_ID]
+    assert papers.sequences_scores[0].item() == pytest.approx(math.log(0.3), rel=1e-5)
+
+
+def test_papers_beam_rule_ranks_finished_hypotheses_by_unnormalised_log_probability():
+    table = [
+        [1e-6, 0.5, 0.5 - 1e-6],  # step 0: a, b tie-ish; eos far behind
+        [0.45, 0.35, 0.2],        # step 1: both beams can end; "a eos" and "b eos" are the top 2
+    ]
+    out = generate(TableModel(table), torch.tensor([[A]]), num_beams=2, max_new_tokens=6, eos_token_id=EOS_ID,
+                   pad_token_id=B, return_dict_in_generate=True, beam_rule="papers")
+    assert out.sequences[0, 1:].tolist() == [A, EOS_ID]
+    assert out.sequences_scores[0].item() == pytest.approx(math.log(0.5) + math.log(0.45), rel=1e-5)
+
+
+def test_papers_beam_rule_without_a_finished_hypothesis_returns_the_best_running_beam():
+    table = [[1e-3, 0.6, 0.399], [1e-3, 0.3, 0.699]]
+    out = generate(TableModel(table), torch.tensor([[A], [A]]), num_beams=2, max_new_tokens=4, eos_token_id=EOS_ID,
+                   pad_token_id=B, return_dict_in_generate=True, beam_rule="papers")
+    assert not out.terminated.any() and out.lengths.tolist() == [4, 4]
+    assert out.sequences[0, 1:].tolist() == [A, B, B, B]
+    expected = math.log(0.6) + 3 * math.log(0.699)
+    assert out.sequences_scores[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(beam_rule="fairseq"), dict(beam_rule="papers", do_sample=True),
+                                 dict(beam_rule="papers", num_return_sequences=2),
+                                 dict(beam_rule="papers", length_penalty=2.0),
+                                 dict(beam_rule="papers", early_stopping=True)])
+def test_papers_beam_rule_rejects_options_it_would_ignore(bad):
+    with pytest.raises(ValueError, match="beam_rule|length_penalty|early_stopping"):
+        generate(TableModel(TABLE), torch.tensor([[A]]), num_beams=2, max_new_tokens=4, eos_token_id=EOS_ID,
+                 pad_token_id=B, **bad)
