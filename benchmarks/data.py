@@ -61,6 +61,7 @@ __all__ = [
     "load_wikitext",
     "load_multi30k",
     "split_context",
+    "pad_context",
     "PromptBatch",
     "prompt_batch",
 ]
@@ -548,6 +549,19 @@ def split_context(
         raise ValueError(f"context_len must be >= 1, got {context_len}")
     kept = [list(sequence) for sequence in sequences if len(sequence) > context_len]
     return [s[:context_len] for s in kept], [s[context_len:] for s in kept]
+
+
+def pad_context(sequences: Sequence[Sequence[T]], *, context_len: int, pad: T) -> list[list[T]]:
+    """Left-pad sequences shorter than ``context_len + 1`` with ``pad`` to exactly that length.
+
+    The self-terminating papers' protocol: a sentence shorter than the context keeps its place in the data,
+    padded on the left with a context-pad token, so its context is ``context_len`` tokens and its reference
+    continuation is the final eos alone. Longer sequences are returned unchanged (as lists).
+    """
+    if context_len < 1:
+        raise ValueError(f"context_len must be >= 1, got {context_len}")
+    need = context_len + 1
+    return [[pad] * (need - len(s)) + list(s) if len(s) < need else list(s) for s in sequences]
 
 
 class PromptBatch(NamedTuple):

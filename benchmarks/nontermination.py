@@ -1,11 +1,12 @@
 """How often do language models fail to stop, under which decoders, and do the fixes work?
 
-    python -m benchmarks.nontermination [--quick] [--data-dir ../shared/data] [--out DIR] [--seed 0]
-        [--models 'lstm-*,smollm2*'] [--decoders greedy,consistent-nucleus-0.4] [--threads N]
+    python -m benchmarks.nontermination [--quick | --standard] [--data-dir ../shared/data] [--out DIR]
+        [--seed 0] [--models 'lstm-*,smollm2*'] [--decoders greedy,consistent-nucleus-0.4] [--threads N]
 
-1. WikiText-2 word-level *sentences* (:mod:`benchmarks.nontermination_words`): trains, or reuses from the
-   cache, 2-layer tanh-RNN and LSTM LMs with vanilla, ST and NMST heads (epsilon grid, default
-   1e-3, 1e-4, 1e-5), with validation and test perplexity on the continuation tokens.
+1. WikiText-2 word-level *sentences* (:mod:`benchmarks.nontermination_words`), the papers' protocol:
+   trains, or reuses from the cache, 2-layer tanh-RNN and LSTM LMs with vanilla, ST and NMST heads
+   (epsilon grid), with validation and test perplexity on the continuation tokens and a greedy r_L on
+   validation contexts after every epoch.
 2. SmolLM2-135M-Instruct on WikiText-2 *lines* (:mod:`benchmarks.nontermination_smollm2`): the
    pretrained model, and the same model fine-tuned on the same train lines with a vanilla, ST and NMST
    head, with test perplexity on continuations.
@@ -14,12 +15,17 @@
    1,000 for SmolLM2); each cell reports r_L, mean generated length and its ratio to the references',
    seq-rep-4, and for sampled decoders the spread over independent sample sets.
 
-Writes ``<out>/nontermination.md``, ``.json`` and ``.png`` (length distributions; needs matplotlib).
-Models, fine-tunes (checkpointed) and every finished cell are cached under
-``$CONSISTENT_DECODING_CACHE/nontermination/<settings hash>`` (default ``~/.cache/consistent-decoding``),
-so an interrupted run resumes and a finished cell is never decoded twice. ``--quick`` shrinks the models,
-vocabulary, data, prompts and (for SmolLM2) the decoder set so that the whole run fits in about half an
-hour of a 2-core CPU; L is never reduced.
+Tiers: ``--quick`` (the README's first command, under 45 minutes on 2 CPU cores: 10k-word vocabulary,
+two epochs, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, at most 3 hours
+there: the full vocabulary and training split, 1,000 test prompts; results set next to the papers'), and
+the default, paper-size settings (40 epochs, every test sentence: days on a CPU). L is never reduced.
+
+Writes ``<out>/nontermination[-standard].md``, ``.json`` and ``.png`` (length distributions and, with
+per-epoch logs, r_L against perplexity; needs matplotlib). Models, fine-tunes (checkpointed) and every
+finished cell are cached under ``$CONSISTENT_DECODING_CACHE/nontermination/<settings hash>`` (default
+``~/.cache/consistent-decoding``), so an interrupted run resumes and a finished cell is never decoded
+twice. Before any training, the run checks that the data, the packages and (for SmolLM2) the model file
+it will need are there, and fails in seconds if not.
 """
 
 from __future__ import annotations
@@ -58,19 +64,42 @@ class Settings:
     smol_decoders: tuple[str, ...] = tuple(DECODERS)
     sample_sets: int = 3
     batch_prompts: int = 256
+    smollm2: bool = True  # the SmolLM2 half of the benchmark
     seed: int = 0
-    version: int = 3  # bump when a code change alters the numbers, so cached results are not reused
+    version: int = 4  # bump when a code change alters the numbers, so cached results are not reused
 
 
 QUICK = Settings(
     words=WordSettings(
-        vocab_size=3000, train_tokens=300_000, eval_sentences=500, prompts=32, rnn_hidden=128, lstm_hidden=128,
-        rnn_dropout=0.2, lstm_dropout=0.2, epochs=1, patience=1, lr=3e-3,
+        vocab_size=10_000, train_tokens=1_000_000, eval_sentences=2000, prompts=400, rnn_hidden=256,
+        lstm_hidden=256, rnn_dropout=0.1, lstm_dropout=0.1, epochs=2, head_epochs=1, patience=2, lr=2e-3,
+        valid_prompts=200, autocast="bfloat16",
     ),
+    epsilons=(1e-3,),
     smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=100_000, train_layers=2, batch_tokens=1024, lr=1e-4),
     smol_decoders=("greedy", "consistent-nucleus-0.4"),
     sample_sets=2,
 )  # fmt: skip
+
+STANDARD = Settings(
+    words=WordSettings(
+        vocab_size=None, train_tokens=None, eval_sentences=None, prompts=1000, rnn_hidden=256, lstm_hidden=256,
+        rnn_dropout=0.2, lstm_dropout=0.2, epochs=4, head_epochs=1, patience=4, lr=2e-3, valid_prompts=400,
+        autocast="bfloat16",
+    ),
+    epsilons=(1e-3,),
+    sample_sets=3,
+    smollm2=False,
+)  # fmt: skip
+
+# The papers' own code and protocol (sentence-level WikiText-2, full vocabulary, LSTM 2 x 512 trained to
+# convergence, 9,708 test contexts, L = 1,500): one public run, the anchor the standard tier is set beside.
+PAPERS_LSTM = {
+    "test perplexity": 91.4,
+    "vanilla": {"greedy": 0.0149, "beam-2": 0.0001, "beam-4": 0.0, "ancestral": 0.0, "top-k-2": 0.0,
+                "top-k-4": 0.0, "nucleus-0.2": 0.0079, "nucleus-0.4": 0.0044},
+    "st greedy": {"1e-2": 0.0, "1e-3": 0.0, "1e-4": 0.0033},
+}  # fmt: skip
 
 
 def format_epsilon(epsilon: float) -> str:
@@ -83,7 +112,7 @@ def format_epsilon(epsilon: float) -> str:
 def word_specs(settings: Settings) -> list[WordModelSpec]:
     """The RNN / LSTM models: per cell vanilla, then ST and NMST for every epsilon."""
     specs = []
-    for cell in ("rnn", "lstm"):
+    for cell in settings.words.cells:
         specs.append(WordModelSpec(f"{cell}-vanilla", cell, "vanilla"))
         for head in ("st", "nmst"):
             specs.extend(WordModelSpec(f"{cell}-{head}-{format_epsilon(e)}", cell, head, e) for e in settings.epsilons)
@@ -99,7 +128,7 @@ def smol_names(settings: Settings) -> dict[str, str]:
 
 
 def all_models(settings: Settings) -> list[str]:
-    return [spec.name for spec in word_specs(settings)] + list(smol_names(settings))
+    return [spec.name for spec in word_specs(settings)] + (list(smol_names(settings)) if settings.smollm2 else [])
 
 
 def select(patterns: str | None, names: list[str], *, what: str) -> list[str]:
@@ -143,6 +172,7 @@ def _say(message: str) -> None:
 def _decode_missing(
     model: object, name: str, decoders: list[str], *, folder: Path, settings: Settings, prompts: torch.Tensor,
     reference_lengths: list[int], eos: int, pad: int, max_new_tokens: int, progress: bool,
+    unk: int | None = None,
 ) -> None:  # fmt: skip
     for decoder in decoders:
         path = folder / f"{name}__{decoder}.json"
@@ -151,7 +181,7 @@ def _decode_missing(
         result = decode_cell(
             model, prompts, model_name=name, decoder=DECODERS[decoder], eos_token_id=eos, pad_token_id=pad,
             max_new_tokens=max_new_tokens, reference_lengths=reference_lengths, sample_sets=settings.sample_sets,
-            seed=settings.seed, batch_size=settings.batch_prompts, progress=progress,
+            seed=settings.seed, batch_size=settings.batch_prompts, progress=progress, unk_token_id=unk,
         )  # fmt: skip
         save_cell(result, path)
         summary = result.summary()
@@ -164,25 +194,38 @@ def _run_words(
 ) -> None:
     from benchmarks.nontermination_words import load_word_data, train_or_load_word_model
 
+    from benchmarks.nontermination_words import vanilla_start
+
     data = None
+    words = settings.words
+    shared_epochs = words.head_epochs is not None and words.head_epochs < words.epochs
     for spec in word_specs(settings):
-        if spec.name not in models:
-            continue
         missing = [d for d in decoders if not (root / "cells" / f"{spec.name}__{d}.json").is_file()]
-        if not missing and (root / "models" / f"{spec.name}.json").is_file():
+        done = not missing and (root / "models" / f"{spec.name}.json").is_file()
+        # a head model trained at equal compute starts from the vanilla model's checkpoint
+        needed_as_start = (spec.head == "vanilla" and shared_epochs
+                           and not vanilla_start(root / "models", spec.cell).is_file()
+                           and any(s.cell == spec.cell and s.name in models and s.head != "vanilla"
+                                   and not (root / "models" / f"{s.name}.json").is_file() for s in word_specs(settings)))
+        if (spec.name not in models or done) and not needed_as_start:
             continue
         if data is None:
-            data = load_word_data(data_dir, settings.words, seed=settings.seed)
+            data = load_word_data(data_dir, words, seed=settings.seed)
             _say(f"[data] word level: {len(data.vocab)} words, {data.train_tokens} training tokens, "
                  f"{len(data.reference_lengths)} prompts")  # fmt: skip
         (root / "models").mkdir(parents=True, exist_ok=True)
-        model, _ = train_or_load_word_model(
-            spec, settings.words, data, folder=root / "models", seed=settings.seed, progress=progress
-        )
+        model, record = train_or_load_word_model(
+            spec, words, data, folder=root / "models", seed=settings.seed, progress=progress,
+            max_new_tokens=settings.word_max_new_tokens, batch_size=settings.batch_prompts,
+        )  # fmt: skip
+        _say(f"[model] {spec.name}: valid ppl {record['valid_perplexity']:.1f}, test ppl "
+             f"{record['test_perplexity']:.1f} ({record['train_seconds'] / 60:.1f} min)")  # fmt: skip
+        if spec.name not in models:
+            continue
         _decode_missing(
             model, spec.name, missing, folder=root / "cells", settings=settings, prompts=data.prompts,
             reference_lengths=data.reference_lengths, eos=data.vocab.eos_id, pad=data.vocab.pad_id,
-            max_new_tokens=settings.word_max_new_tokens, progress=progress,
+            max_new_tokens=settings.word_max_new_tokens, progress=progress, unk=data.vocab.unk_id,
         )  # fmt: skip
 
 
@@ -260,14 +303,43 @@ def _with_bounds(settings: Settings, records: dict[str, dict]) -> dict[str, dict
             for name, record in records.items()}  # fmt: skip
 
 
-def notes_for(settings: Settings, *, quick: bool) -> list[str]:
+def preflight(settings: Settings, models: list[str], data_dir: str | None) -> list[str]:
+    """What the run will need and lacks (data files, packages, the SmolLM2 file), found in seconds."""
+    from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset
+    from decoding.pretrained import check_gguf_support, smollm2_path
+
+    problems = []
+    try:
+        locate_dataset("wikitext-2", list(WIKITEXT2_SHA256), WIKITEXT2_SHA256, data_dir=data_dir,
+                       sources=WIKITEXT2_SOURCES)  # fmt: skip
+    except (OSError, ValueError) as error:
+        problems.append(f"WikiText-2: {error}")
+    if settings.smollm2 and any(name in models for name in smol_names(settings)):
+        for check in (check_gguf_support, smollm2_path):
+            try:
+                check()
+            except (ModuleNotFoundError, FileNotFoundError) as error:
+                problems.append(f"SmolLM2: {error} (or leave it out with --models 'rnn-*,lstm-*')")
+    return problems
+
+
+def notes_for(settings: Settings, *, tier: str) -> list[str]:
     """What differs from the papers' setting, stated in the report."""
     words, smol = settings.words, settings.smol
+    heads = ("every head trained from scratch" if words.head_epochs is None else
+             f"equal compute: ST/NMST start from the vanilla checkpoint after {words.epochs - words.head_epochs} "
+             f"epoch(s) (weights, optimizer state, learning rate) and train {words.head_epochs} epoch(s) with their "
+             f"head, while vanilla trains its last {words.head_epochs} with its own")  # fmt: skip
     notes = [
-        f"RNN/LSTM: WikiText-2 sentences, first 10 tokens = context; {words.prompts or 'all'} test prompts; "
-        f"vocabulary {words.vocab_size or 'full (33,278 + pad/eos)'}; hidden {words.rnn_hidden} (RNN) / "
-        f"{words.lstm_hidden} (LSTM) x {words.layers} layers; training tokens per epoch "
-        f"{words.train_tokens or 'all'}; at most {words.epochs} epochs, patience {words.patience}.",
+        f"RNN/LSTM: the papers' protocol - WikiText-2 sentences, first 10 tokens = context (shorter sentences "
+        f"left-padded with <cpad>, reference = eos), loss and the ST/NMST clock on the continuation only, "
+        f"beam search returns the first finished hypothesis by unnormalised log-probability; "
+        f"{words.prompts or 'all'} test prompts; vocabulary {words.vocab_size or 'full (33,231 words + pad/unk/eos/<cpad>)'}; "
+        f"hidden {words.rnn_hidden} (RNN) / {words.lstm_hidden} (LSTM) x {words.layers} layers, dropout "
+        f"{words.rnn_dropout} / {words.lstm_dropout}; training tokens per epoch {words.train_tokens or 'all'}; "
+        f"{words.epochs} epochs at most (patience {words.patience}, Adam lr {words.lr}, "
+        f"{'bfloat16 autocast' if words.autocast else 'float32'} training, float32 evaluation and decoding); {heads}.",
+        f"Per-epoch greedy r_L on {words.valid_prompts} fixed validation contexts (papers: 1,000).",
         f"SmolLM2: WikiText-2 test lines, first 10 SmolLM2 tokens = context; {smol.prompts} prompts; fine-tunes "
         f"train the top {smol.train_layers} of 30 layers, the final norm and the eos row of the output layer on {smol.finetune_tokens:,} train-line "
         f"tokens (lines ending in eos), ST/NMST eps = {format_epsilon(smol.epsilon)}; perplexity on "
@@ -277,8 +349,11 @@ def notes_for(settings: Settings, *, quick: bool) -> list[str]:
     ]
     if tuple(settings.smol_decoders) != tuple(DECODERS):
         notes.append(f"SmolLM2 decoders reduced to {', '.join(settings.smol_decoders)} (CPU budget).")
-    if quick:
-        notes.append("--quick: small models, vocabulary and data - perplexities are far from the papers'.")
+    if tier == "quick":
+        notes.append("--quick: 10k-word vocabulary, 1M training tokens per epoch, 2 epochs - perplexities are "
+                     "far from the papers'; read the trends, not the digits.")
+    if not settings.smollm2:
+        notes = [note for note in notes if not note.startswith("SmolLM2")]
     return notes
 
 
@@ -287,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.nontermination",
         description="Non-termination ratio r_L of RNN/LSTM (vanilla/ST/NMST) and SmolLM2 under 12 decoders.",
     )
-    parser.add_argument("--quick", action="store_true", help="small models/data, about 30 min on 2 CPU cores")
+    tier = parser.add_mutually_exclusive_group()
+    tier.add_argument("--quick", action="store_true", help="small models/data, under 45 min on 2 CPU cores")
+    tier.add_argument("--standard", action="store_true",
+                      help="full vocabulary and training split, 1,000 prompts, word models: at most 3 h on 2 CPU cores")
     add_data_arguments(parser)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the report")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
@@ -308,7 +386,8 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = replace(settings or (QUICK if args.quick else Settings()), seed=args.seed)
+    tier = "quick" if args.quick else "standard" if args.standard else "full"
+    settings = replace(settings or {"quick": QUICK, "standard": STANDARD, "full": Settings()}[tier], seed=args.seed)
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -322,6 +401,10 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         decoders = select(args.decoders, list(DECODERS), what="decoders")
     except ValueError as error:
         parser.error(str(error))
+    if not args.report_only:
+        problems = preflight(settings, models, args.data_dir)
+        if problems:
+            parser.error("cannot start, nothing was trained:\n  - " + "\n  - ".join(problems))
     start = time.perf_counter()
     result = run_benchmark(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
                            models=models, decoders=decoders, progress=not args.no_progress,
@@ -330,7 +413,7 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     command = "python -m benchmarks.nontermination " + shlex.join(argv if argv is not None else sys.argv[1:])
     env = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     records = _with_bounds(settings, result.records)
-    notes = notes_for(settings, quick=args.quick)
+    notes = notes_for(settings, tier=tier)
     if result.missing:
         notes.append(f"Not run (not in the cache when this report was written): {', '.join(result.missing)}.")
     try:
@@ -339,7 +422,10 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         notes.append("Length plot skipped: matplotlib is not installed (pip install matplotlib).")
     shared = {"command": command, "env": env, "settings": asdict(settings), "records": records,
               "cells": result.cells, "notes": notes, "wall_seconds": wall}  # fmt: skip
-    written = write_outputs(args.out, markdown=markdown_report(**shared), report=json_report(**shared), cells=result.cells)
+    stem = "nontermination" + ("-standard" if tier == "standard" else "")
+    shared["papers"] = PAPERS_LSTM if tier == "standard" else None
+    written = write_outputs(args.out, markdown=markdown_report(**shared), report=json_report(**shared),
+                            cells=result.cells, records=records, stem=stem)  # fmt: skip
     _say("wrote " + ", ".join(str(path) for path in written))
     return result
 

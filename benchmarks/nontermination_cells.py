@@ -59,7 +59,10 @@ def _sampler(name: str, *, top_k: int = 0, top_p: float = 1.0, consistent: bool 
 
 
 def _searcher(name: str, *, num_beams: int) -> DecoderSpec:
-    return DecoderSpec(name, sampled=False, options={"do_sample": False, "num_beams": num_beams})
+    options = {"do_sample": False, "num_beams": num_beams}
+    if num_beams > 1:  # the papers' beam search: the first finished hypothesis, unnormalised scores
+        options["beam_rule"] = "papers"
+    return DecoderSpec(name, sampled=False, options=options)
 
 
 # top_k=0 everywhere but top-k: transformers would otherwise add its default top_k=50 to every sampler
@@ -96,6 +99,10 @@ class CellResult:
         seq_rep_4: mean seq-rep-4 of the continuations (eos excluded), per set.
         lengths: every row's generated length, set after set (for the length plot).
         seconds: wall time of the decode.
+        distinct: share of distinct continuations among the prompts, per set (low: the model ignores its
+            prompt and says the same thing whatever it is given).
+        unk_share: share of ``<unk>`` among the generated tokens (eos excluded), per set; None when the
+            vocabulary has no unknown token.
     """
 
     model: str
@@ -109,12 +116,16 @@ class CellResult:
     seq_rep_4: list[float]
     lengths: list[int]
     seconds: float = 0.0
+    distinct: list[float] = field(default_factory=list)
+    unk_share: list[float] | None = None
 
     def summary(self) -> dict[str, float | None]:
         """Mean and sample standard deviation (None for one set) of each metric over the sample sets."""
         out: dict[str, float | None] = {}
-        for name in ("nontermination", "mean_length", "length_ratio", "seq_rep_4"):
+        for name in ("nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "unk_share"):
             values = getattr(self, name)
+            if not values:  # cells cached before the metric existed, or no unknown token
+                continue
             out[name] = statistics.fmean(values)
             out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
         return out
@@ -128,7 +139,8 @@ def cell_metrics(
     reference_lengths: Sequence[int],
     sample_sets: int = 1,
     terminated: torch.Tensor | None = None,
-) -> dict[str, list[float] | list[int]]:
+    unk_token_id: int | None = None,
+) -> dict[str, list[float] | list[int] | None]:
     """Score generated continuations, one sample set at a time.
 
     Args:
@@ -140,10 +152,12 @@ def cell_metrics(
         reference_lengths: ``N`` reference continuation lengths (eos included).
         sample_sets: ``R``.
         terminated: optional ``[N * R]`` flags from the decoder, cross-checked against the tokens.
+        unk_token_id: the unknown-word token, if the vocabulary has one.
 
     Returns:
-        ``{"nontermination", "mean_length", "length_ratio", "seq_rep_4"}``: one value per sample set, and
-        ``"lengths"``: every row's generated length (eos included), set after set.
+        ``{"nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "unk_share"}``: one
+        value per sample set (``unk_share`` None without ``unk_token_id``), and ``"lengths"``: every row's
+        generated length (eos included), set after set.
     """
     n_prompts = len(reference_lengths)
     if sample_sets < 1:
@@ -153,7 +167,8 @@ def cell_metrics(
         raise ValueError(
             f"generated has {len(rows_all)} rows, expected {n_prompts} prompts x {sample_sets} sample sets"
         )
-    out: dict[str, list] = {"nontermination": [], "mean_length": [], "length_ratio": [], "seq_rep_4": [], "lengths": []}
+    out: dict[str, list | None] = {"nontermination": [], "mean_length": [], "length_ratio": [], "seq_rep_4": [],
+                                   "lengths": [], "distinct": [], "unk_share": [] if unk_token_id is not None else None}
     for index in range(sample_sets):
         rows = rows_all[index::sample_sets]  # N rows
         flags = None if terminated is None else terminated[index::sample_sets]
@@ -166,7 +181,13 @@ def cell_metrics(
         out["lengths"].extend(lengths)
         out["mean_length"].append(statistics.fmean(lengths))
         out["length_ratio"].append(length_ratio(lengths, reference_lengths))
-        out["seq_rep_4"].append(mean_seq_rep_n(continuation_tokens(rows, eos_token_id=eos_token_id), n=4))
+        without_eos = continuation_tokens(rows, eos_token_id=eos_token_id)
+        out["seq_rep_4"].append(mean_seq_rep_n(without_eos, n=4))
+        out["distinct"].append(len({tuple(row) for row in with_eos}) / len(with_eos))
+        if unk_token_id is not None:
+            generated_tokens = sum(len(row) for row in without_eos)
+            unknown = sum(row.count(unk_token_id) for row in without_eos)
+            out["unk_share"].append(unknown / generated_tokens if generated_tokens else 0.0)
     return out
 
 
@@ -189,6 +210,7 @@ def decode_cell(
     seed: int,
     batch_size: int,
     progress: bool = True,
+    unk_token_id: int | None = None,
 ) -> CellResult:
     """Decode ``prompts [N, P]`` (unpadded, all of length ``P``) with one decoder and score the result.
 
@@ -216,7 +238,7 @@ def decode_cell(
     generated, terminated = torch.cat(chunks), torch.cat(flags)
     metrics = cell_metrics(
         _strip_fill(generated, terminated, eos_token_id), eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
-        reference_lengths=reference_lengths, sample_sets=sets, terminated=terminated,
+        reference_lengths=reference_lengths, sample_sets=sets, terminated=terminated, unk_token_id=unk_token_id,
     )  # fmt: skip
     return CellResult(
         model=model_name, decoder=decoder.name, max_new_tokens=max_new_tokens, prompts=len(reference_lengths),

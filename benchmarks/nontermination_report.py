@@ -14,7 +14,12 @@ import torch
 
 from benchmarks.nontermination_cells import DECODERS, CellResult
 
-__all__ = ["environment", "markdown_report", "json_report", "write_outputs", "plot_lengths"]
+__all__ = ["environment", "markdown_report", "json_report", "write_outputs", "plot_lengths", "plot_epochs",
+           "degenerate", "DISTINCT_FLOOR"]
+
+# A model whose greedy continuations are mostly the same whatever the prompt (fewer distinct continuations
+# than this share of the prompts) ignores its prompt: its r_L says little about the decoders.
+DISTINCT_FLOOR = 0.5
 
 
 def environment(repo: Path) -> dict[str, Any]:
@@ -67,6 +72,57 @@ def _model_rows(records: dict[str, dict]) -> list[str]:
     return rows
 
 
+def degenerate(cell: CellResult) -> bool:
+    """The model behind this (greedy) cell says mostly the same thing whatever its prompt."""
+    return bool(cell.distinct) and min(cell.distinct) < DISTINCT_FLOOR
+
+
+def _prompt_use_rows(cells: Sequence[CellResult]) -> list[str]:
+    """Per model, from its greedy cell: distinct continuations, <unk> share, and the degenerate flag."""
+    rows = ["| model | distinct greedy continuations | <unk> share of greedy tokens | greedy mean length | flag |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for cell in cells:
+        if cell.decoder != "greedy" or not cell.distinct:
+            continue
+        unk = "-" if not cell.unk_share else f"{cell.unk_share[0]:.3f}"
+        flag = "**degenerate: ignores its prompt**" if degenerate(cell) else "ok"
+        rows.append(f"| {cell.model} | {cell.distinct[0]:.2f} | {unk} | {cell.mean_length[0]:.1f} | {flag} |")
+    return rows
+
+
+def _epoch_rows(records: dict[str, dict]) -> list[str]:
+    """Per model and epoch: validation perplexity and the greedy r_L on validation contexts."""
+    rows = ["| model | epoch | valid ppl | greedy r_L (valid) | greedy mean length | distinct |", "|---|---|---|---|---|---|"]
+    for name, record in records.items():
+        for epoch in record.get("history", []):
+            metrics = epoch.get("metrics") or {}
+            if "greedy_nontermination" not in metrics:
+                continue
+            rows.append(f"| {name} | {epoch['epoch']} | {epoch['valid_perplexity']:.1f} | "
+                        f"{metrics['greedy_nontermination']:.3f} | {metrics['greedy_mean_length']:.1f} | "
+                        f"{metrics['greedy_distinct']:.2f} |")  # fmt: skip
+    return rows if len(rows) > 2 else []
+
+
+def _papers_rows(papers: dict[str, Any], cells: Sequence[CellResult], records: dict[str, dict]) -> list[str]:
+    """The standard tier's LSTM next to the papers' run (r_L in %)."""
+    table = {(c.model, c.decoder): c.summary()["nontermination"] for c in cells}
+    ours = records.get("lstm-vanilla", {})
+    rows = ["| | test ppl | " + " | ".join(papers["vanilla"]) + " |", "|---|---|" + "---|" * len(papers["vanilla"])]
+    rows.append("| papers: LSTM 2x512, converged | " + f"{papers['test perplexity']:.1f} | "
+                + " | ".join(f"{100 * v:.2f}" for v in papers["vanilla"].values()) + " |")  # fmt: skip
+    values = [f"{100 * table[('lstm-vanilla', d)]:.2f}" if ("lstm-vanilla", d) in table else "-" for d in papers["vanilla"]]
+    ppl = f"{ours['test_perplexity']:.1f}" if "test_perplexity" in ours else "-"
+    rows.append(f"| ours: lstm-vanilla | {ppl} | " + " | ".join(values) + " |")
+    rows += ["", "| ST greedy r_L (%) | " + " | ".join(papers["st greedy"]) + " |",
+             "|---|" + "---|" * len(papers["st greedy"]),
+             "| papers | " + " | ".join(f"{100 * v:.2f}" for v in papers["st greedy"].values()) + " |"]  # fmt: skip
+    ours_st = [f"{100 * table[(f'lstm-st-{e}', 'greedy')]:.2f}" if (f"lstm-st-{e}", "greedy") in table else "-"
+               for e in papers["st greedy"]]  # fmt: skip
+    rows.append("| ours (lstm-st) | " + " | ".join(ours_st) + " |")
+    return rows
+
+
 def _training_minutes(records: dict[str, dict]) -> float:
     return sum(r.get("train_seconds", 0.0) + r.get("finetune_seconds", 0.0) for r in records.values()) / 60
 
@@ -97,7 +153,7 @@ def _cell_rows(cells: Sequence[CellResult]) -> list[str]:
 
 def markdown_report(
     *, command: str, env: dict[str, Any], settings: dict[str, Any], records: dict[str, dict],
-    cells: Sequence[CellResult], notes: Sequence[str], wall_seconds: float,
+    cells: Sequence[CellResult], notes: Sequence[str], wall_seconds: float, papers: dict[str, Any] | None = None,
 ) -> str:  # fmt: skip
     """The whole Markdown report."""
     word = [c for c in cells if not c.model.startswith("smollm2")]
@@ -128,6 +184,17 @@ def markdown_report(
     for title, group in (("RNN / LSTM, WikiText-2 sentences", word), ("SmolLM2-135M-Instruct, WikiText-2 lines", smol)):
         if group:
             lines += ["", f"## r_L: {title} (L = {group[0].max_new_tokens})", "", *_pivot(group)]
+    if papers is not None:
+        lines += ["", "## Next to the papers (r_L in %, LSTM)", "", *_papers_rows(papers, cells, records)]
+    use = _prompt_use_rows(cells)
+    if len(use) > 2:
+        lines += ["", "## Do the models use their prompt? (greedy)", "",
+                  f"A model with fewer distinct greedy continuations than {DISTINCT_FLOOR:.0%} of its prompts is "
+                  "flagged: it says the same thing whatever it is given, and its r_L then measures one loop, "
+                  "not a decoder.", "", *use]  # fmt: skip
+    epochs = _epoch_rows(records)
+    if epochs:
+        lines += ["", "## Training: greedy r_L on validation contexts after every epoch", "", *epochs]
     lines += ["", "## All cells", "", *_cell_rows(cells), "", "Settings:", "", "```json",
               json.dumps(settings, indent=1, default=str), "```", ""]  # fmt: skip
     return "\n".join(lines)
@@ -135,7 +202,7 @@ def markdown_report(
 
 def json_report(
     *, command: str, env: dict[str, Any], settings: dict[str, Any], records: dict[str, dict],
-    cells: Sequence[CellResult], notes: Sequence[str], wall_seconds: float,
+    cells: Sequence[CellResult], notes: Sequence[str], wall_seconds: float, papers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON report: per cell the per-set values, their summary and length quantiles."""
     out_cells = []
@@ -143,9 +210,10 @@ def json_report(
         lengths = sorted(c.lengths)
         quantiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (10, 50, 90)}
         entry = {key: value for key, value in c.__dict__.items() if key != "lengths"}
-        out_cells.append({**entry, **c.summary(), "length_quantiles": {**quantiles, "max": lengths[-1]}})
+        flag = {"degenerate": degenerate(c)} if c.decoder == "greedy" and c.distinct else {}
+        out_cells.append({**entry, **c.summary(), **flag, "length_quantiles": {**quantiles, "max": lengths[-1]}})
     return {"command": command, **env, "wall_seconds": wall_seconds, "notes": list(notes), "settings": settings,
-            "models": records, "cells": out_cells}  # fmt: skip
+            "models": records, "cells": out_cells, "papers": papers}  # fmt: skip
 
 
 def plot_lengths(cells: Sequence[CellResult], path: Path) -> bool:
@@ -178,17 +246,56 @@ def plot_lengths(cells: Sequence[CellResult], path: Path) -> bool:
     return True
 
 
-def write_outputs(out_dir: Path, *, markdown: str, report: dict[str, Any], cells: Sequence[CellResult]) -> list[Path]:
-    """Write ``nontermination.{md,json,png}`` (png only with matplotlib) atomically; returns the paths."""
+def plot_epochs(records: dict[str, dict], path: Path) -> bool:
+    """Greedy r_L on validation contexts against validation perplexity, one point per epoch, one line per
+    model; False without matplotlib or without per-epoch logs."""
+    curves = {name: [(e["valid_perplexity"], e["metrics"]["greedy_nontermination"], e["epoch"])
+                     for e in record.get("history", []) if "greedy_nontermination" in (e.get("metrics") or {})]
+              for name, record in records.items()}  # fmt: skip
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for name, points in curves.items():
+        ppl, r_l, epoch = zip(*points)
+        axis.plot(ppl, r_l, marker="o", label=name)
+        for x, y, n in points:
+            axis.annotate(str(n), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    axis.set_xscale("log")
+    axis.set_xlabel("validation perplexity (continuation tokens)")
+    axis.set_ylabel("greedy r_L on validation contexts")
+    axis.set_title("Non-termination as the model learns (labels: epoch)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return True
+
+
+def write_outputs(
+    out_dir: Path, *, markdown: str, report: dict[str, Any], cells: Sequence[CellResult],
+    records: dict[str, dict] | None = None, stem: str = "nontermination",
+) -> list[Path]:  # fmt: skip
+    """Write ``<stem>.{md,json,png}`` and ``<stem>-epochs.png`` (pngs only with matplotlib) atomically;
+    returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in ((".md", markdown), (".json", json.dumps(report, indent=1) + "\n")):
-        path = out_dir / f"nontermination{suffix}"
+        path = out_dir / f"{stem}{suffix}"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
         written.append(path)
-    if cells and plot_lengths(cells, out_dir / "nontermination.png"):
-        written.append(out_dir / "nontermination.png")
+    if cells and plot_lengths(cells, out_dir / f"{stem}.png"):
+        written.append(out_dir / f"{stem}.png")
+    if records and plot_epochs(records, out_dir / f"{stem}-epochs.png"):
+        written.append(out_dir / f"{stem}-epochs.png")
     return written
 

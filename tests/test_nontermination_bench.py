@@ -65,7 +65,7 @@ def test_cell_metrics_rejects_bad_input() -> None:
 
 # ---------------------------------------------------------------------------------------- names, cli
 def test_select_names_and_globs() -> None:
-    names = nt.all_models(nt.QUICK)
+    names = nt.all_models(nt.Settings())
     assert nt.select("lstm-st-*", names, what="models") == ["lstm-st-1e-3", "lstm-st-1e-4", "lstm-st-1e-5"]
     assert nt.select("smollm2,rnn-vanilla", names, what="models") == ["rnn-vanilla", "smollm2"]
     with pytest.raises(ValueError, match="unknown model 'gpt9'"):
@@ -98,7 +98,8 @@ def test_detokenize_wikitext() -> None:
 TINY = replace(
     nt.QUICK,
     words=WordSettings(max_lines=200, vocab_size=300, train_tokens=2000, eval_sentences=20, prompts=6, rnn_hidden=8,
-                       lstm_hidden=8, epochs=1, patience=1, batch_sentences=16),
+                       lstm_hidden=8, epochs=2, head_epochs=1, patience=2, batch_sentences=16, valid_prompts=5,
+                       autocast="bfloat16"),
     epsilons=(0.1,),  # T(0.1) = 7 <= L = 12
     word_max_new_tokens=12,
     smol=SmolSettings(prompts=3, eval_lines=4, finetune_tokens=300, train_layers=1, epsilon=0.2, batch_tokens=256,
@@ -162,6 +163,18 @@ def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
     pivot = markdown.split(header)[1].split("\n\n")[0].strip().splitlines()
     assert len(pivot) == 1 + 3  # separator + one row per model
     assert all(row.count("|") == len(DECODERS) + 2 for row in pivot)
+    # equal compute: the heads start from the vanilla model after epoch 1 and train epoch 2 with their head
+    rnn_vanilla, rnn_st = report["models"]["rnn-vanilla"], report["models"]["rnn-st-1e-1"]
+    assert rnn_vanilla["epochs"] == rnn_st["epochs"] == 2 and rnn_st["head_epochs"] == 1
+    assert rnn_st["history"][0] == rnn_vanilla["history"][0]  # the shared first epoch
+    assert rnn_st["history"][1]["valid_perplexity"] != rnn_vanilla["history"][1]["valid_perplexity"]
+    for record in report["models"].values():  # the greedy r_L on validation contexts after every epoch
+        assert [set(e["metrics"]) for e in record["history"]] == [
+            {"greedy_nontermination", "greedy_mean_length", "greedy_distinct"}] * 2
+    assert "## Training: greedy r_L on validation contexts after every epoch" in markdown
+    assert "## Do the models use their prompt? (greedy)" in markdown
+    greedy = [c for c in report["cells"] if c["decoder"] == "greedy"]
+    assert all(0 < c["distinct"] <= 1 and 0 <= c["unk_share"] <= 1 and "degenerate" in c for c in greedy)
 
     # a second run reuses every model and cell: training or decoding anything would fail here
     def forbidden(*args: object, **kwargs: object) -> None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,23 +34,28 @@ __all__ = [
     "TrainingHistory",
     "collate_lm_batch",
     "evaluate_perplexity",
+    "model_loss",
     "train_lm",
 ]
 
 Batch = Mapping[str, torch.Tensor]
+# (model, batch on the model's device) -> mean NLL of the batch's labelled tokens
+LossFunction = Callable[[torch.nn.Module, Batch], torch.Tensor]
 LAST_CHECKPOINT = "last.pt"
 BEST_WEIGHTS = "best.pt"
 
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One finished epoch: mean training loss (per token), validation perplexity, learning rate used."""
+    """One finished epoch: mean training loss (per token), validation perplexity, learning rate used, and
+    whatever ``train_lm``'s ``on_epoch_end`` measured (e.g. a non-termination ratio)."""
 
     epoch: int
     train_loss: float
     valid_perplexity: float
     learning_rate: float
     improved: bool
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,19 +117,36 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Mean NLL of the labelled tokens of ``batch``, as the model computes it."""
-    output = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        labels=batch["labels"].to(device),
-    )
-    return output.loss
+def model_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean NLL of the labelled tokens of ``batch``, as the model's forward computes it."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def _loss(model: torch.nn.Module, batch: Batch, device: torch.device, loss_fn: LossFunction | None,
+          autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    on_device = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "labels")}
+    with _autocast(device, autocast_dtype):
+        return (loss_fn or model_loss)(model, on_device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision on ``device`` when ``dtype`` is given (e.g. ``torch.bfloat16``), else nothing."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
-def evaluate_perplexity(model: torch.nn.Module, batches: Sequence[Batch], *, progress: bool = False) -> float:
-    """``exp(mean NLL)`` over every labelled token of ``batches``, in eval mode (restores train mode)."""
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    *,
+    progress: bool = False,
+    loss_fn: LossFunction | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """``exp(mean NLL)`` over every labelled token of ``batches``, in eval mode (restores train mode).
+
+    ``loss_fn`` and ``autocast_dtype`` as in :func:`train_lm`.
+    """
     was_training = model.training
     model.eval()
     device = _model_device(model)
@@ -133,12 +156,23 @@ def evaluate_perplexity(model: torch.nn.Module, batches: Sequence[Batch], *, pro
         count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
         if count == 0:
             continue
-        total_nll += float(_loss(model, batch, device)) * count
+        total_nll += float(_loss(model, batch, device, loss_fn, autocast_dtype)) * count
         total_tokens += count
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError("batches hold no labelled token to evaluate")
     return math.exp(total_nll / total_tokens)
+
+
+def _epoch_metrics(
+    on_epoch_end: Callable[[torch.nn.Module, int], Mapping[str, float]], model: torch.nn.Module, epoch: int
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        return {name: float(value) for name, value in on_epoch_end(model, epoch).items()}
+    finally:
+        model.train(was_training)
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
@@ -218,6 +252,8 @@ def _train_epoch(
     clip: float | None,
     description: str,
     progress: bool,
+    loss_fn: LossFunction | None,
+    autocast_dtype: torch.dtype | None,
 ) -> float:
     """One pass over ``batches`` in ``order``; returns the mean training NLL per labelled token."""
     model.train()
@@ -230,7 +266,7 @@ def _train_epoch(
         count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
         if count == 0:
             continue
-        loss = _loss(model, batch, device)
+        loss = _loss(model, batch, device, loss_fn, autocast_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip is not None:
@@ -256,6 +292,9 @@ def train_lm(
     checkpoint_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    loss_fn: LossFunction | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    on_epoch_end: Callable[[torch.nn.Module, int], Mapping[str, float]] | None = None,
 ) -> TrainingHistory:
     """Train ``model`` by MLE with AdamW, gradient-norm clipping, validation perplexity after every
     epoch and early stopping; leave the best weights in ``model``.
@@ -275,6 +314,14 @@ def train_lm(
             directory resumes from ``last.pt``. Keep it outside the repository.
         seed: seeds the batch order of each epoch.
         progress: show tqdm bars.
+        loss_fn: ``(model, batch) -> mean NLL`` of the labelled tokens, for training and validation;
+            default :func:`model_loss` (the model's forward with ``labels``). A model may offer a cheaper
+            function with the same value, e.g. :meth:`decoding.models.RecurrentLM.scored_loss`.
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``
+            on CPUs with bf16 units, or GPUs); None: full precision.
+        on_epoch_end: ``(model, epoch) -> {name: value}``, called after each epoch's validation with the
+            epoch's weights (in eval mode; train mode is restored); the values are kept in the epoch's
+            :class:`EpochRecord` ``metrics`` and in the checkpoint, so a resumed run keeps them.
 
     Returns:
         :class:`TrainingHistory` of every epoch run so far (including resumed ones).
@@ -294,12 +341,18 @@ def train_lm(
         order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(seed + state.epoch))
         description = f"epoch {state.epoch + 1}/{epochs}"
         train_loss = _train_epoch(
-            model, optimizer, train_batches, order=order, clip=clip, description=description, progress=progress
+            model, optimizer, train_batches, order=order, clip=clip, description=description, progress=progress,
+            loss_fn=loss_fn, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+        perplexity = evaluate_perplexity(
+            model, valid_batches, progress=progress, loss_fn=loss_fn, autocast_dtype=autocast_dtype
         )
-        perplexity = evaluate_perplexity(model, valid_batches, progress=progress)
         improved = perplexity < state.history.best_valid_perplexity
         state.epoch += 1
-        state.history.epochs.append(EpochRecord(state.epoch, train_loss, perplexity, state.learning_rate, improved))
+        metrics = {} if on_epoch_end is None else _epoch_metrics(on_epoch_end, model, state.epoch)
+        state.history.epochs.append(
+            EpochRecord(state.epoch, train_loss, perplexity, state.learning_rate, improved, metrics)
+        )
         if improved:
             state.history.best_epoch, state.history.best_valid_perplexity = state.epoch, perplexity
             state.bad_epochs = 0
