@@ -106,7 +106,7 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         chain.append(lambda history, scores, _: T.exponential_decay_length_penalty(
             scores, eos, cur_len=history.shape[1], input_len=prefix_length, start_index=start,
             decay_factor=factor))
-    chain.extend(rules("suppress"))
+    chain.extend(rules("suppress") + rules("begin"))
     chain.extend(_user_processor(p) for p in options.logits_processor)
     return chain
 

@@ -220,7 +220,8 @@ def rule_processors(rules: TokenRules, stage: str, *, begin_index: int, first_pr
 
     Args:
         stage: ``"bias"`` (sequence_bias, first), ``"ban"`` (bad words, after no_repeat_ngram), ``"prefix"``
-            (after the length rules), ``"invalid"`` (after forced eos), ``"suppress"`` (after the length decay).
+            (after the length rules), ``"invalid"`` (after forced eos), ``"suppress"`` then ``"begin"``
+            (``begin_suppress_tokens``; after the length decay).
         begin_index: the history length at which ``begin_suppress_tokens`` apply.
         first_prompt: the batch's first prompt in the call (``prefix_allowed_tokens_fn``'s batch ids).
     """
@@ -237,12 +238,11 @@ def rule_processors(rules: TokenRules, stage: str, *, begin_index: int, first_pr
             history, scores, allowed, prompt_index + first_prompt, always=always))
     elif stage == "invalid" and rules.remove_invalid_values:
         chain.append(lambda history, scores, _: remove_invalid(scores))
-    elif stage == "suppress":
-        if rules.suppress_tokens:
-            suppressed = torch.tensor(rules.suppress_tokens, device=device)
-            chain.append(lambda history, scores, _: suppress(scores, suppressed))
-        if rules.begin_suppress_tokens:
-            begin = torch.tensor(rules.begin_suppress_tokens, device=device)
-            chain.append(lambda history, scores, _: suppress(scores, begin) if history.shape[1] == begin_index
-                         else scores)
+    elif stage == "suppress" and rules.suppress_tokens:
+        suppressed = torch.tensor(rules.suppress_tokens, device=device)
+        chain.append(lambda history, scores, _: suppress(scores, suppressed))
+    elif stage == "begin" and rules.begin_suppress_tokens:
+        begin = torch.tensor(rules.begin_suppress_tokens, device=device)
+        chain.append(lambda history, scores, _: suppress(scores, begin) if history.shape[1] == begin_index
+                     else scores)
     return chain
