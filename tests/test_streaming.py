@@ -13,7 +13,7 @@ from decoding.generate import generate
 from decoding.interop import custom_generate
 from decoding.streaming import Piece, PieceIterator
 from tests.test_options_parity import char_tokenizer
-from tests.tiny_models import ENCODER_DECODER, EOS, PAD, left_padded_prompts, tiny_model
+from tests.tiny_models import ENCODER_DECODER, PAD, left_padded_prompts, tiny_model
 
 MAX_NEW = 10
 STRATEGIES = {
