@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -12,7 +12,10 @@ from transformers.utils import ModelOutput
 from . import transforms as T
 from .options import DecodeOptions, resolve_options
 from .protocol import StepModel, as_step_model
+from .records import concat_steps
 from .search import Processor, Refill, SearchResult, beam_search, sample_search
+from .streaming import RowStreamer, StreamSink
+from .token_rules import rule_processors
 
 __all__ = ["generate", "GenerateOutput", "build_processors", "decode_prefilled"]
 
@@ -27,12 +30,21 @@ class GenerateOutput(ModelOutput):
         terminated: ``[N]`` bool, the row ended with eos (False: cut by the length limit).
         lengths: ``[N]`` generated tokens per row, eos included.
         sequences_scores: ``[N]`` final beam scores (beam search only).
+        scores: ``output_scores``: per generated step, the processed scores ``[N, V]`` (beam search:
+            ``[prompts x num_beams, V]``, one row per beam), as transformers returns them; ``-inf`` in the rows
+            that had left the batch (finished) at that step.
+        logits: ``output_logits``: per step, the model's raw logits, laid out as ``scores``.
+        beam_indices: ``[N, G]`` int32 (beam search): for each token, the beam row (``prompt x num_beams +
+            beam``) it extended; -1 after the row's end.
     """
 
     sequences: torch.LongTensor | None = None
     terminated: torch.BoolTensor | None = None
     lengths: torch.LongTensor | None = None
     sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
 
 
 def _user_processor(processor: Any) -> Processor:
@@ -40,9 +52,10 @@ def _user_processor(processor: Any) -> Processor:
 
 
 def build_processors(options: DecodeOptions, *, prefix_length: int, padding_lengths: torch.LongTensor | None,
-                     device: torch.device | str = "cpu", in_place: bool = False) -> list[Processor]:
-    """The logits-processor chain in transformers' order, user processors last (warpers are applied by the
-    search loop itself, after these).
+                     device: torch.device | str = "cpu", in_place: bool = False,
+                     first_prompt: int = 0) -> list[Processor]:
+    """The logits-processor chain in transformers' order, user processors last (warpers and
+    ``renormalize_logits`` are applied by the search loop itself, after these).
 
     Args:
         prefix_length: ``P``, the length of the rows' prefix (prompt or decoder start).
@@ -50,9 +63,18 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         device: where the scores live (token-id tensors are made there once, not at every step).
         in_place: the step model's logits are scratch (``fresh_logits``): ban eos for ``min_new_tokens``
             in place instead of copying the ``[B, V]`` scores at every step.
+        first_prompt: index of the batch's first prompt in the call (``prefix_allowed_tokens_fn``'s batch id).
     """
     chain: list[Processor] = []
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
+    # transformers suppresses begin_suppress_tokens one step later after a one-token prefix and a forced bos
+    begin = prefix_length + int(prefix_length == 1 and options.forced_bos_token_id is not None)
+
+    def rules(stage: str) -> list[Processor]:
+        return rule_processors(options.token_rules, stage, begin_index=begin, first_prompt=first_prompt,
+                               device=device)
+
+    chain.extend(rules("bias"))
     if options.repetition_penalty != 1.0:
         penalty = options.repetition_penalty
 
@@ -64,10 +86,12 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
     if options.no_repeat_ngram_size > 0:
         size = options.no_repeat_ngram_size
         chain.append(lambda history, scores, _: T.no_repeat_ngram(history, scores, size))
+    chain.extend(rules("ban"))
     if options.min_new_tokens > 0 and eos is not None:
         min_len = prefix_length + options.min_new_tokens
         chain.append(lambda history, scores, _: T.min_length(scores, eos, cur_len=history.shape[1],
                                                              min_length=min_len, in_place=in_place))
+    chain.extend(rules("prefix"))
     if options.forced_bos_token_id is not None:
         bos = options.forced_bos_token_id
         chain.append(lambda history, scores, _: T.forced_bos(scores, bos, cur_len=history.shape[1]))
@@ -76,11 +100,13 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
         max_len = prefix_length + options.max_new_tokens
         chain.append(lambda history, scores, _: T.forced_eos(scores, forced, cur_len=history.shape[1],
                                                              max_length=max_len))
+    chain.extend(rules("invalid"))
     if options.exponential_decay_length_penalty is not None and eos is not None:
         start, factor = options.exponential_decay_length_penalty
         chain.append(lambda history, scores, _: T.exponential_decay_length_penalty(
             scores, eos, cur_len=history.shape[1], input_len=prefix_length, start_index=start,
             decay_factor=factor))
+    chain.extend(rules("suppress") + rules("begin"))
     chain.extend(_user_processor(p) for p in options.logits_processor)
     return chain
 
@@ -133,6 +159,11 @@ def generate(
     *,
     generation_config: GenerationConfig | None = None,
     logits_processor: Sequence[Any] | None = None,
+    stopping_criteria: Sequence[Any] | None = None,
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
+    streamer: Any = None,
+    stream: RowStreamer | Callable[[Any], Any] | None = None,
+    tokenizer: Any = None,
     consistent: bool = False,
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
@@ -152,6 +183,18 @@ def generate(
         logits_processor: a user's processors (``LogitsProcessorList`` or callables
             ``(input_ids, scores) -> scores``), applied after the built-in ones and before temperature and
             truncation, as transformers applies them.
+        stopping_criteria: transformers ``StoppingCriteria`` (or callables ``(input_ids [n, T], scores [n, V])
+            -> done [n]``); a row they flag ends (``terminated`` stays False). They are called on the rows
+            still decoding (finished rows leave the batch), so each must judge a row by its tokens, as
+            transformers' own do; in beam search, on the candidate hypotheses with ``scores=None``.
+        prefix_allowed_tokens_fn: ``(batch_id, input_ids [T]) -> allowed token ids`` for the next token.
+        streamer: transformers' streamer protocol (``put``/``end``, e.g. ``TextStreamer``): the prompt, then
+            one ``[N]`` tensor per step (pad for finished rows). Greedy and sampling, without
+            ``max_batch_size``, as in transformers.
+        stream: batched streaming: a :class:`~decoding.streaming.RowStreamer` (e.g. ``PieceIterator``) or a
+            callable that receives a :class:`~decoding.streaming.Piece` per row's new tokens, the last one
+            with the row's end reason; every strategy, refill included.
+        tokenizer: the model's tokenizer, for ``stop_strings``.
         consistent: keep the eos token(s) in the candidate set of every truncation sampler (top-k, top-p,
             min-p, typical, epsilon, eta, any combination), so sampling terminates with probability 1 when
             the model's p(eos) is bounded away from 0. eos keeps its own probability, renormalised.
@@ -209,9 +252,39 @@ def generate(
         model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
         kwargs=kwargs, generation_config=generation_config, logits_processor=logits_processor,
         consistent=consistent, generator=generator, drop_finished=drop_finished, beam_rule=beam_rule,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, stopping_criteria=stopping_criteria, tokenizer=tokenizer,
     )
     per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
     capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])
+    sink = _stream_sink(streamer, stream, options, n_rows=input_ids.shape[0] * options.num_return_sequences,
+                        limited=capacity is not None)
+    try:
+        return _decode(step_model, input_ids, attention_mask, options=options, capacity=capacity, sink=sink,
+                       is_encoder_decoder=is_encoder_decoder, progress=progress)
+    finally:
+        if sink is not None:
+            sink.end()
+
+
+def _stream_sink(streamer: Any, stream: Any, options: DecodeOptions, *, n_rows: int,
+                 limited: bool) -> StreamSink | None:
+    """Where the loop streams to, or None; refuses what transformers' streamer protocol cannot carry."""
+    if streamer is None and stream is None:
+        return None
+    if streamer is not None and options.is_beam_search:
+        raise ValueError("streamer cannot be used with beam search (as in transformers): set num_beams=1, or "
+                         "use stream= (batched streaming, which gives each prompt's sequences when it is done)")
+    if streamer is not None and limited:
+        raise ValueError("streamer streams one batch: with max_batch_size use stream= (batched streaming)")
+    return StreamSink(rows=stream, streamer=streamer, n_rows=n_rows, pad_token_id=options.pad_token_id)
+
+
+def _decode(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
+            options: DecodeOptions, capacity: int | None, sink: StreamSink | None, is_encoder_decoder: bool,
+            progress: bool) -> torch.LongTensor | GenerateOutput:
+    """Prefill and search, in one batch or in chunks of ``capacity`` rows (refilled where possible)."""
+    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
+    prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
     if not options.use_cache:
         step_model = _uncached(step_model)
     refilling = (capacity is not None and options.drop_finished and callable(getattr(step_model, "merge", None))
@@ -224,12 +297,15 @@ def generate(
 
     def processors_for(rows: slice) -> list[Processor]:
         return build_processors(options, prefix_length=prefix_length, device=input_ids.device, in_place=in_place,
-                                padding_lengths=None if padding is None else padding[rows])
+                                padding_lengths=None if padding is None else padding[rows],
+                                first_prompt=rows.start or 0)
 
     if capacity is None:
         logits, state, prefix = step_model.prefill(input_ids, attention_mask)
+        if sink is not None:
+            sink.prompt(prefix.repeat_interleave(options.num_return_sequences, dim=0))
         return decode_prefilled(step_model, logits, state, prefix, options=options,
-                                processors=processors_for(slice(None)), progress=progress)
+                                processors=processors_for(slice(None)), progress=progress, stream=sink)
     chunk, search = capacity // per_prompt, beam_search if options.is_beam_search else sample_search
     results = []
     for start in range(0, input_ids.shape[0], chunk):  # one chunk, refilled with the rest, or chunk after chunk
@@ -237,11 +313,13 @@ def generate(
         processors = processors_for(rows)
         logits, state, prefix = step_model.prefill(input_ids[rows], attention_mask[rows])
         refill = None
-        if refilling and not processors and getattr(step_model, "mergeable", lambda _: True)(state):
+        if (refilling and not processors and not options.stopping_criteria
+                and getattr(step_model, "mergeable", lambda _: True)(state)):
             refill = _refill(step_model, input_ids, attention_mask, first=start + chunk, rows=chunk * per_prompt,
                              per_prompt=per_prompt)
+        stream = None if sink is None else sink.shifted(start * options.num_return_sequences)
         results.append(search(step_model, logits, state, prefix, options=options, processors=processors,
-                              progress=progress, refill=refill))
+                              progress=progress, refill=refill, stream=stream))
         if refill is not None:
             break
     return _shape_output(_concat_results(results, options.pad_token_id), options)
@@ -278,26 +356,44 @@ def _concat_results(results: Sequence[SearchResult], pad_token_id: int) -> Searc
     sequences = torch.cat([torch.nn.functional.pad(r.sequences, (0, width - r.sequences.shape[1]), value=pad_token_id)
                            for r in results])
     scores = None if results[0].scores is None else torch.cat([r.scores for r in results])
+    beam_indices = None
+    if results[0].beam_indices is not None:
+        steps = width - results[0].sequences.shape[1] + results[0].beam_indices.shape[1]
+        beam_indices = torch.cat([torch.nn.functional.pad(r.beam_indices, (0, steps - r.beam_indices.shape[1]),
+                                                          value=-1) for r in results])
+
+    def steps_of(field: str) -> tuple[torch.Tensor, ...] | None:
+        parts = [getattr(r, field) for r in results]
+        return None if parts[0] is None else concat_steps(parts, [r.lengths.shape[0] for r in results])
+
     return SearchResult(sequences=sequences, lengths=torch.cat([r.lengths for r in results]),
-                        terminated=torch.cat([r.terminated for r in results]), scores=scores)
+                        terminated=torch.cat([r.terminated for r in results]), scores=scores,
+                        step_scores=steps_of("step_scores"), step_logits=steps_of("step_logits"),
+                        beam_indices=beam_indices)
 
 
 def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
-                     options: DecodeOptions, processors: Sequence[Processor],
-                     progress: bool = False) -> torch.LongTensor | GenerateOutput:
+                     options: DecodeOptions, processors: Sequence[Processor], progress: bool = False,
+                     stream: StreamSink | None = None) -> torch.LongTensor | GenerateOutput:
     """Run the search the options ask for from a prefilled state and shape the result as ``generate``
     returns it (the sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``)."""
     search = beam_search if options.is_beam_search else sample_search
     return _shape_output(search(step_model, logits, state, prefix, options=options, processors=processors,
-                                progress=progress), options)
+                                progress=progress, stream=stream), options)
 
 
 def _shape_output(result: SearchResult, options: DecodeOptions) -> torch.LongTensor | GenerateOutput:
     """The sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``."""
     if not options.return_dict_in_generate:
         return result.sequences
+    beam_indices = result.beam_indices
+    if beam_indices is not None:  # beam slots -> rows of the prompts x num_beams batch, as transformers numbers them
+        prompt = torch.arange(beam_indices.shape[0], device=beam_indices.device) // options.num_return_sequences
+        beam_indices = torch.where(beam_indices >= 0, beam_indices + (prompt * options.num_beams)[:, None].to(
+            beam_indices.dtype), beam_indices)
     return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
-                          sequences_scores=result.scores)
+                          sequences_scores=result.scores, scores=result.step_scores, logits=result.step_logits,
+                          beam_indices=beam_indices)
 
 
 def _uncached(step_model: StepModel) -> StepModel:

@@ -8,26 +8,46 @@ transformers prepares everything as usual (merged generation config, expanded in
 encoder-decoders, its logits processors) and hands over to :func:`custom_generate`, which decodes with the
 library's loop: finished rows stop costing compute, and ``consistent=True`` keeps eos in every truncation
 sampler's candidate set. transformers' own temperature/truncation warpers are replaced by the library's
-equivalents (built from the same generation config); every other processor in its list runs unchanged.
+equivalents (built from the same generation config), and so are its token-rule processors (sequence bias,
+bad words, suppressed tokens, prefix constraints, invalid values, renormalisation: the library's keep the
+batch's prompt ids right as rows leave it, and follow ``consistent``'s eos rules); every other processor in its
+list runs unchanged. transformers' ``streamer`` gets every step and its ``end()``; ``stream=`` streams per row.
+
+transformers does not hand a callable ``custom_generate`` its ``tokenizer``, so ``stop_strings`` fail there;
+pass ``stopping_criteria=[StopStringCriteria(tokenizer, strings)]`` instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import inspect
+import sys
+from typing import Any, Callable
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.utils import GenerationMixin
 
 from .adapters import Seq2SeqStepModel, hf_step_model
-from .generate import GenerateOutput, _user_processor, decode_prefilled
-from .options import resolve_options
+from .generate import GenerateOutput, _stream_sink, _user_processor, decode_prefilled
+from .options import DecodeOptions, resolve_options
+from .search import Processor
+from .streaming import RowStreamer
+from .token_rules import rule_processors
 
 __all__ = ["custom_generate"]
 
 _WARPERS = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
             lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper)
+# transformers' token-rule processors -> (the config field that makes transformers build one, our stage)
+_RULES = {lp.NoBadWordsLogitsProcessor: ("bad_words_ids", "ban"),
+          lp.SequenceBiasLogitsProcessor: ("sequence_bias", "bias"),
+          lp.SuppressTokensLogitsProcessor: ("suppress_tokens", "suppress"),
+          lp.SuppressTokensAtBeginLogitsProcessor: ("begin_suppress_tokens", "begin"),
+          lp.InfNanRemoveLogitsProcessor: ("remove_invalid_values", "invalid")}
+_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__
 
 
 def custom_generate(
@@ -40,6 +60,7 @@ def custom_generate(
     streamer: Any = None,
     consistent: bool = False,
     generator: torch.Generator | None = None,
+    stream: RowStreamer | Callable[[Any], Any] | None = None,
     **model_kwargs: Any,
 ) -> torch.LongTensor | GenerateOutput:
     """The decoding method transformers calls with ``custom_generate=custom_generate``.
@@ -47,13 +68,41 @@ def custom_generate(
     Args:
         input_ids: ``[B x expand, P]`` transformers' expanded prompts (decoder start tokens for an
             encoder-decoder), ``expand = max(num_beams, num_return_sequences)``.
-        consistent, generator: this library's options, passed to ``model.generate`` as keywords.
+        streamer: transformers' streamer (it has been given the prompt already); found in the calling
+            ``generate`` when transformers does not pass it.
+        consistent, generator, stream: this library's options, passed to ``model.generate`` as keywords.
     """
-    if synced_gpus or streamer is not None:
-        raise NotImplementedError("custom_generate supports neither synced_gpus nor streamer")
-    for criterion in stopping_criteria or []:
-        if not isinstance(criterion, (MaxLengthCriteria, EosTokenCriteria)):
-            raise NotImplementedError(f"stopping criterion {type(criterion).__name__} is not supported")
+    streamer = streamer if streamer is not None else _callers_streamer()
+    sink = None
+    try:
+        if synced_gpus:
+            raise NotImplementedError("custom_generate does not support synced_gpus")
+        step_model, options, processors, prefill = _prepare(model, input_ids, logits_processor, stopping_criteria,
+                                                            generation_config, consistent, generator, model_kwargs)
+        sink = _stream_sink(streamer, stream, options, n_rows=prefill[2].shape[0] * options.num_return_sequences,
+                            limited=False)
+        return decode_prefilled(step_model, *prefill, options=options, processors=processors, stream=sink)
+    finally:
+        if sink is not None:
+            sink.end()
+        elif streamer is not None:  # refused or failed before decoding: a consumer must not wait forever
+            streamer.end()
+
+
+def _callers_streamer() -> Any:
+    """The ``streamer`` of the transformers ``generate`` call this runs in (transformers 5.x puts the prompt to
+    it, then calls a callable ``custom_generate`` without it)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _GENERATE_CODE:
+        frame = frame.f_back
+    return None if frame is None else frame.f_locals.get("streamer")
+
+
+def _prepare(model: Any, input_ids: torch.LongTensor, logits_processor: Any, stopping_criteria: Any,
+             generation_config: GenerationConfig, consistent: bool, generator: torch.Generator | None,
+             model_kwargs: dict[str, Any]) -> tuple[Any, DecodeOptions, list[Processor], tuple]:
+    """The step model, options, processors and prefill ``(logits, state, prefix)`` of one custom_generate call."""
+    criteria = [c for c in stopping_criteria or [] if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         raise NotImplementedError("custom_generate cannot continue from a pre-filled cache")
@@ -63,15 +112,20 @@ def custom_generate(
     prompts = input_ids[::expand]
     is_encoder_decoder = bool(model.config.is_encoder_decoder)
     kept = [p for p in logits_processor or [] if not isinstance(p, _WARPERS)]
-    processors = [_user_processor(p) for p in kept]
+    constraint = next((p for p in kept if isinstance(p, lp.PrefixConstrainedLogitsProcessor)), None)
     # transformers' repetition penalty holds one row per expanded input (its prompt padding): the batch
     # must keep its rows, so finished rows stay in it here, fed with pad, as in transformers' own loop.
     per_row = any(isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor) for p in kept)
+    config = copy.copy(generation_config)
+    config.stop_strings = None  # transformers built their criterion (it is in stopping_criteria)
     options = resolve_options(
         model, prefix_length=prompts.shape[1], vocab_size=step_model.vocab_size,
-        is_encoder_decoder=is_encoder_decoder, kwargs={}, generation_config=generation_config,
-        consistent=consistent, generator=generator, drop_finished=not per_row,
+        is_encoder_decoder=is_encoder_decoder, kwargs={}, generation_config=config,
+        consistent=consistent, generator=generator, drop_finished=not per_row, stopping_criteria=criteria,
+        prefix_allowed_tokens_fn=None if constraint is None else constraint._prefix_allowed_tokens_fn,
     )
+    processors = _processors(kept, options, generation_config, prefix_length=prompts.shape[1],
+                             device=input_ids.device)
     step_model = step_model.reserving(options.max_new_tokens)
 
     if is_encoder_decoder:
@@ -85,4 +139,23 @@ def custom_generate(
         mask = model_kwargs.get("attention_mask")
         mask = torch.ones_like(prompts) if mask is None else mask[::expand]
         logits, state, prefix = step_model.prefill(prompts, mask)
-    return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors)
+    return step_model, options, processors, (logits, state, prefix)
+
+
+def _processors(kept: list, options: DecodeOptions, config: GenerationConfig, *, prefix_length: int,
+                device: torch.device) -> list[Processor]:
+    """transformers' processors in its order, its token rules replaced by the library's at the same place
+    (``renormalize_logits``' normalisation runs after the warpers, in the loop)."""
+    begin = prefix_length + int(prefix_length == 1 and options.forced_bos_token_id is not None)
+    chain: list[Processor] = []
+    for processor in kept:
+        rule = _RULES.get(type(processor))
+        if isinstance(processor, lp.PrefixConstrainedLogitsProcessor):
+            rule = ("prefix", "prefix")
+        elif isinstance(processor, lp.LogitNormalization) and options.token_rules.renormalize_logits:
+            continue
+        if rule is None or (rule[0] != "prefix" and getattr(config, rule[0], None) in (None, False)):
+            chain.append(_user_processor(processor))  # not one transformers built from the config: as given
+            continue
+        chain.extend(rule_processors(options.token_rules, rule[1], begin_index=begin, device=device))
+    return chain

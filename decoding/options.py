@@ -15,7 +15,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.stopping_criteria import StopStringCriteria
 
+from .token_rules import TokenRules, resolve_token_rules
 from .transforms import Truncation
 
 __all__ = ["DecodeOptions", "resolve_options", "SUPPORTED_OPTIONS"]
@@ -27,18 +29,17 @@ SUPPORTED_OPTIONS = frozenset({
     "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
     "decoder_start_token_id", "repetition_penalty", "no_repeat_ngram_size", "forced_eos_token_id",
     "forced_bos_token_id", "exponential_decay_length_penalty", "return_dict_in_generate", "use_cache",
+    "sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "remove_invalid_values",
+    "renormalize_logits", "output_scores", "output_logits", "stop_strings",
 })
 
 # Config fields that are accepted only at their "off" value; anything else is an unsupported feature.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0),
-    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "remove_invalid_values": (None, False),
-    "renormalize_logits": (None, False), "top_h": (None,), "max_time": (None,), "stop_strings": (None,),
-    "watermarking_config": (None,), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
-    "constraints": (None,), "force_words_ids": (None,), "penalty_alpha": (None,), "dola_layers": (None,),
-    "token_healing": (None, False), "prompt_lookup_num_tokens": (None,), "low_memory": (None, False),
-    "output_scores": (None, False), "output_logits": (None, False), "output_attentions": (None, False),
+    "guidance_scale": (None, 1, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0), "top_h": (None,), "max_time": (None,), "watermarking_config": (None,),
+    "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0), "constraints": (None,),
+    "force_words_ids": (None,), "penalty_alpha": (None,), "dola_layers": (None,), "token_healing": (None, False),
+    "prompt_lookup_num_tokens": (None,), "low_memory": (None, False), "output_attentions": (None, False),
     "output_hidden_states": (None, False), "cache_implementation": (None, "dynamic"),
     "prefill_chunk_size": (None,), "use_mtp": (None, False),
 }
@@ -72,6 +73,11 @@ class DecodeOptions:
     decoder_start_token_id: int | None
     drop_finished: bool = True
     beam_rule: str = "transformers"  # or "papers": first finished hypothesis, unnormalised score
+    token_rules: TokenRules = TokenRules()
+    # stopping criteria called as transformers' StoppingCriteria: (input_ids [n, T], scores [n, V]) -> done [n]
+    stopping_criteria: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+    output_scores: bool = False    # return the processed scores of every step (return_dict_in_generate)
+    output_logits: bool = False    # return the model's raw logits of every step (return_dict_in_generate)
 
     @property
     def is_beam_search(self) -> bool:
@@ -135,6 +141,9 @@ def resolve_options(
     generator: torch.Generator | None = None,
     drop_finished: bool = True,
     beam_rule: str = "transformers",
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
+    stopping_criteria: Sequence[Callable] | None = None,
+    tokenizer: Any = None,
 ) -> DecodeOptions:
     """Merge, validate and normalise the options of one ``generate`` call.
 
@@ -142,6 +151,8 @@ def resolve_options(
         prefix_length: length of the sequences the output rows start with (the prompt for a decoder-only
             model, 1 for an encoder-decoder), used to turn ``max_length``/``min_length`` into token counts.
         vocab_size: the model's vocabulary size, to check token ids.
+        stopping_criteria: transformers ``StoppingCriteria`` (or callables ``(input_ids, scores) -> done``).
+        tokenizer: the model's tokenizer, needed by ``stop_strings`` (as in transformers).
     """
     unsupported = sorted(set(kwargs) - SUPPORTED_OPTIONS)
     known_to_config = [k for k in unsupported if k in _OFF_VALUES]
@@ -257,6 +268,9 @@ def resolve_options(
     _check_beam_rule(beam_rule, kwargs, do_sample=do_sample, num_return_sequences=num_return_sequences)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    token_rules = resolve_token_rules(config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                                      vocab_size=vocab_size, eos_token_ids=eos, consistent=consistent)
+    criteria = _stopping_criteria(config.stop_strings, tokenizer, stopping_criteria)
 
     return DecodeOptions(
         max_new_tokens=max_new_tokens,
@@ -283,6 +297,10 @@ def resolve_options(
         decoder_start_token_id=config.decoder_start_token_id if is_encoder_decoder else None,
         drop_finished=bool(drop_finished),
         beam_rule=beam_rule,
+        token_rules=token_rules,
+        stopping_criteria=criteria,
+        output_scores=bool(config.output_scores),
+        output_logits=bool(config.output_logits),
     )
 
 
@@ -304,3 +322,20 @@ def _check_beam_rule(beam_rule: str, kwargs: dict[str, Any], *, do_sample: bool,
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} does not apply with beam_rule='papers' (unnormalised scores, stop at the "
                              "first finished hypothesis); leave it unset")
+
+
+def _stopping_criteria(stop_strings: Any, tokenizer: Any, criteria: Sequence[Callable] | None) -> tuple[Callable, ...]:
+    """transformers' ``StopStringCriteria`` for ``stop_strings``, then the user's criteria (eos and the length
+    limit are the loop's own)."""
+    built: list[Callable] = []
+    if stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the model's tokenizer: pass tokenizer=... to generate, as in "
+                             "model.generate")
+        built.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    for criterion in criteria or ():
+        if not callable(criterion):
+            raise TypeError(f"stopping_criteria: {criterion!r} is not callable (expected transformers "
+                            "StoppingCriteria or (input_ids, scores) -> done)")
+        built.append(criterion)
+    return tuple(built)

@@ -8,7 +8,7 @@ generated, not rows x max_new_tokens. Selection is the only thing that differs b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .options import DecodeOptions
 from .protocol import StepModel
+from .records import StepRecord
+from .streaming import StreamSink
 from .transforms import apply_temperature, truncate
 
 __all__ = ["SearchResult", "Refill", "sample_search", "beam_search", "Processor"]
@@ -35,6 +37,10 @@ class SearchResult:
     lengths: torch.LongTensor          # [N] generated tokens per row, eos included
     terminated: torch.BoolTensor       # [N] the row ended with eos (not cut by max_new_tokens)
     scores: torch.Tensor | None        # [N] length-penalised beam scores (beam search only)
+    # output_scores / output_logits: per step [N, V] (beam search: [prompts x num_beams, V]), -inf off the batch
+    step_scores: tuple[torch.Tensor, ...] | None = None
+    step_logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None   # [N, G] beam (0..num_beams-1) each token extended, -1 after the end
 
 
 def _apply(processors: Sequence[Processor], history: torch.LongTensor, scores: torch.Tensor,
@@ -45,12 +51,43 @@ def _apply(processors: Sequence[Processor], history: torch.LongTensor, scores: t
 
 
 def _warp(scores: torch.Tensor, options: DecodeOptions, eos: torch.LongTensor | None) -> torch.Tensor:
-    """Temperature then truncation (consistent if asked): the sampling-only part of the chain."""
-    if options.temperature != 1.0:
+    """The end of the chain: temperature then truncation (consistent if asked) when sampling, then
+    ``renormalize_logits``'s log-softmax."""
+    if options.do_sample and options.temperature != 1.0:
         scores = apply_temperature(scores, options.temperature)
-    if options.truncation.active:
+    if options.do_sample and options.truncation.active:
         scores = truncate(scores, options.truncation, eos_token_ids=eos, consistent=options.consistent)
+    if options.token_rules.renormalize_logits:
+        scores = scores.log_softmax(dim=-1)
     return scores
+
+
+def _stopped(options: DecodeOptions, history: torch.LongTensor, scores: torch.Tensor | None) -> torch.BoolTensor:
+    """``[n]`` rows that a stopping criterion ends, called as transformers calls them (``history [n, T]``
+    includes this step's token)."""
+    done = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+    for criterion in options.stopping_criteria:
+        verdict = torch.as_tensor(criterion(history, scores), device=history.device).to(torch.bool)
+        if verdict.shape not in ((), (history.shape[0],)):
+            raise ValueError(f"stopping criterion {criterion!r} returned shape {tuple(verdict.shape)}; expected "
+                             f"({history.shape[0]},), one flag per row")
+        done = done | verdict
+    return done
+
+
+def _end_codes(ended: torch.BoolTensor, capped: torch.BoolTensor, stopped: torch.BoolTensor | None) -> torch.LongTensor:
+    """``[n]`` why each row ends now: 0 it goes on, 1 eos, 2 ``max_new_tokens``, 3 a stopping criterion."""
+    codes = torch.where(capped, 2, 0)
+    if stopped is not None:
+        codes = torch.where(stopped & ~capped, 3, codes)
+    return torch.where(ended, 1, codes)
+
+
+def _records(options: DecodeOptions) -> tuple[StepRecord | None, StepRecord | None]:
+    """Records for the processed scores and the raw logits, where the call returns them."""
+    asked = options.return_dict_in_generate
+    return (StepRecord() if asked and options.output_scores else None,
+            StepRecord() if asked and options.output_logits else None)
 
 
 def _check_step(step: int, raw_max: torch.Tensor, best: torch.Tensor, extra: torch.Tensor) -> int:
@@ -180,6 +217,7 @@ def sample_search(
     processors: Sequence[Processor],
     progress: bool = False,
     refill: Refill | None = None,
+    stream: StreamSink | None = None,
 ) -> SearchResult:
     """Greedy decoding or ancestral sampling (with the options' warpers), one row per output sequence.
 
@@ -187,12 +225,14 @@ def sample_search(
         logits: ``[B, V]`` the prefill logits, ``B`` = prompts (the first ones, with ``refill``).
         state: the model state after prefill, ``B`` rows.
         prefix: ``[B, P]`` the tokens each output row starts with.
-        refill: more prompts, admitted into the rows that finished rows free (then ``processors`` must be
-            empty: rows are at different lengths). Every row gets the tokens it would get without it.
+        refill: more prompts, admitted into the rows that finished rows free (then ``processors`` and stopping
+            criteria must be absent: rows are at different lengths). Every row gets the tokens it would get
+            without it.
+        stream: where each running row's token and each row's end go, step by step.
     """
-    if refill is not None and (processors or not options.drop_finished):
-        raise ValueError("refilling rows needs drop_finished and no logits processors (rows are at different "
-                         "lengths)")
+    if refill is not None and (processors or options.stopping_criteria or not options.drop_finished):
+        raise ValueError("refilling rows needs drop_finished and no logits processors or stopping criteria (rows "
+                         "are at different lengths)")
     expand, max_new = options.num_return_sequences, options.max_new_tokens
     device, prefix_len = prefix.device, prefix.shape[1]
     n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
@@ -203,6 +243,7 @@ def sample_search(
     terminated = torch.zeros(n_rows, dtype=torch.bool, device=device)
     table = torch.empty(max_new, n_rows, device=device) if options.do_sample else None
     drawn = 0
+    score_record, logit_record = _records(options)
 
     logits, state, active = _start(model, logits, state, prefix, first_row=0, expand=expand, out=out)
     n_running = prefix.shape[0] * expand
@@ -211,9 +252,12 @@ def sample_search(
     bar = _progress(max_new, progress) if refill is None else _progress(n_rows, progress, unit="seq")
     step = 0
     while True:
-        scores = _apply(processors, active.work[:, :prefix_len + step], logits, prompt_index)
+        if logit_record is not None:  # before the processors: a min-length ban may write into the logits
+            logit_record.add(active.rows, active.steps, logits)
+        scores = _warp(_apply(processors, active.work[:, :prefix_len + step], logits, prompt_index), options, eos)
+        if score_record is not None:
+            score_record.add(active.rows, active.steps, scores)
         if options.do_sample:
-            scores = _warp(scores, options, eos)
             drawn = _uniforms(table, drawn, min(step + 1, max_new), options.generator)
             tokens, best = _sample_rows(scores, table[active.steps, active.rows])
         else:
@@ -224,10 +268,15 @@ def sample_search(
             tokens = torch.where(alive, tokens, options.pad_token_id)
         active.work.scatter_(1, (prefix_len + active.steps).unsqueeze(1), tokens.unsqueeze(1))
         active.steps.add_(1)
-        ended = _is_eos(tokens, eos)
-        finished = ended | (active.steps == max_new)
+        ended, capped = _is_eos(tokens, eos), active.steps == max_new
+        stopped = (_stopped(options, active.work[:, :prefix_len + step + 1], scores)
+                   if options.stopping_criteria else None)
+        finished = ended | capped if stopped is None else ended | capped | stopped
         if alive is not None:
             finished = finished & alive
+        if stream is not None:
+            running = slice(None) if alive is None else alive
+            stream.step(active.rows[running], tokens[running], _end_codes(ended, capped, stopped)[running])
         n_finished = _check_step(step, raw_max, best, finished.sum())
         bar.update(1 if refill is None else n_finished)
         if n_finished:
@@ -260,7 +309,9 @@ def sample_search(
         step += 1
     bar.close()
     width = prefix_len + int(lengths.max()) if n_rows else prefix_len
-    return SearchResult(sequences=out[:, :width], lengths=lengths, terminated=terminated, scores=None)
+    return SearchResult(sequences=out[:, :width], lengths=lengths, terminated=terminated, scores=None,
+                        step_scores=None if score_record is None else score_record.assemble(n_rows),
+                        step_logits=None if logit_record is None else logit_record.assemble(n_rows))
 
 
 @dataclass
@@ -276,10 +327,12 @@ class _Beams:
     fin_len: torch.LongTensor    # [A, nb] generated length of each finished hypothesis
     open: torch.BoolTensor       # [A, 1] the best finished list may still improve
     steps: torch.LongTensor      # [A] tokens generated so far (prompts admitted later are behind)
+    run_parents: torch.Tensor    # [A, nb, W] per generated token, the beam it extended (-1: none yet);
+    fin_parents: torch.Tensor    # [A, nb, W] the same for the finished hypotheses (W = 0: not tracked)
 
     @classmethod
     def start(cls, prefix: torch.LongTensor, *, first_prompt: int, num_beams: int, max_new: int,
-              pad_token_id: int) -> "_Beams":
+              pad_token_id: int, track_parents: bool = False) -> "_Beams":
         """Fresh beams for prompts ``first_prompt, first_prompt + 1, ...`` with ``prefix [A, P]``."""
         count, prefix_len = prefix.shape
         device = prefix.device
@@ -287,6 +340,8 @@ class _Beams:
         run_seq[:, :, :prefix_len] = prefix[:, None, :]
         run_score = torch.zeros(count, num_beams, device=device)
         run_score[:, 1:] = _BIG_NEGATIVE  # one live beam per prompt until the first expansion
+        parents = torch.full((count, num_beams, max_new if track_parents else 0), -1, dtype=torch.int32,
+                             device=device)
         return cls(
             prompts=first_prompt + torch.arange(count, device=device), run_seq=run_seq, run_score=run_score,
             fin_seq=run_seq.clone(), fin_score=torch.full((count, num_beams), _BIG_NEGATIVE, device=device),
@@ -294,6 +349,7 @@ class _Beams:
             fin_len=torch.zeros(count, num_beams, dtype=torch.long, device=device),
             open=torch.ones(count, 1, dtype=torch.bool, device=device),
             steps=torch.zeros(count, dtype=torch.long, device=device),
+            run_parents=parents, fin_parents=parents.clone(),
         )
 
     def take(self, keep: torch.LongTensor) -> "_Beams":
@@ -326,6 +382,7 @@ def beam_search(
     processors: Sequence[Processor],
     progress: bool = False,
     refill: Refill | None = None,
+    stream: StreamSink | None = None,
 ) -> SearchResult:
     """Beam search (or beam sampling with ``do_sample``) with transformers' scoring and stopping rules.
 
@@ -333,15 +390,18 @@ def beam_search(
     ``early_stopping`` True stops a prompt once ``num_beams`` hypotheses finished, False stops it when the
     best running beam at its current length cannot beat the worst finished one, "never" uses the maximum
     length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch; with
-    ``refill`` (not with sampling or processors) the next prompts take its rows.
+    ``refill`` (not with sampling, processors or stopping criteria) the next prompts take its rows. ``stream``
+    gets each prompt's returned sequences when it is done.
 
     ``options.beam_rule == "papers"``: the self-terminating papers' rule instead. A prompt stops at the
     first step where one of its ``num_beams`` best candidates ends in eos and returns the best of those
     finished hypotheses by their summed log-probability (no length penalty); a prompt with none by
     ``max_new_tokens`` returns its best running beam, unfinished.
     """
-    if refill is not None and (processors or options.do_sample or not options.drop_finished):
-        raise ValueError("refilling beams needs drop_finished, no sampling and no logits processors")
+    if refill is not None and (processors or options.stopping_criteria or options.do_sample
+                               or not options.drop_finished):
+        raise ValueError("refilling beams needs drop_finished, no sampling, no logits processors and no stopping "
+                         "criteria")
     nb, max_new = options.num_beams, options.max_new_tokens
     prefix_len, device = prefix.shape[1], prefix.device
     n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
@@ -353,20 +413,26 @@ def beam_search(
     def start(logits, state, prefix, first_prompt):
         expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
         beams = _Beams.start(prefix, first_prompt=first_prompt, num_beams=nb, max_new=max_new,
-                             pad_token_id=options.pad_token_id)
+                             pad_token_id=options.pad_token_id, track_parents=options.return_dict_in_generate)
         return logits[expand], model.select(state, expand), beams
 
     logits, state, beams = start(logits, state, prefix, 0)
+    score_record, logit_record = _records(options)
+    beam_slot = torch.arange(nb, device=device)
     results: list[tuple[torch.LongTensor, _Beams]] = []
     bar = _progress(max_new, progress) if refill is None else _progress(n_prompts, progress, unit="prompt")
     step = 0
     while True:
         cur_len, n_active = prefix_len + step, beams.prompts.numel()
         history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]   # processors: never when refilling
+        beam_rows, beam_steps = (beams.prompts[:, None] * nb + beam_slot).view(-1), beams.steps.repeat_interleave(nb)
+        if logit_record is not None:
+            logit_record.add(beam_rows, beam_steps, logits)
         log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1),
                            beams.prompts.repeat_interleave(nb))
-        if options.do_sample:
-            log_probs = _warp(log_probs, options, eos)
+        log_probs = _warp(log_probs, options, eos)
+        if score_record is not None:
+            score_record.add(beam_rows, beam_steps, log_probs)
         vocab = log_probs.shape[-1]
         accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
         if options.do_sample:
@@ -382,14 +448,22 @@ def beam_search(
         cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
         column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
         cand_seq.scatter_(2, column, token.unsqueeze(-1))
+        cand_parents = _gather(beams.run_parents, parent)                     # [A, K, W]
+        if cand_parents.shape[-1]:
+            cand_parents.scatter_(2, beams.steps[:, None, None].expand(-1, keep_k, 1),
+                                  parent.unsqueeze(-1).to(cand_parents.dtype))
         generated = beams.steps + 1                                           # [A] length after this token
         hits = _is_eos(token, eos) | (generated >= max_new)[:, None]
+        if options.stopping_criteria:  # candidates judged as transformers judges them (no scores)
+            hits = hits | _stopped(options, cand_seq[:, :, :cur_len + 1].reshape(n_active * keep_k, -1),
+                                   None).view(n_active, keep_k)
 
         # Running beams for the next step: the best nb candidates that did not finish.
         running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
         next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
         beams.run_seq = _gather(cand_seq, next_index)
         beams.run_score = _gather(running_lp, next_index)
+        beams.run_parents = _gather(cand_parents, next_index)
         run_parent = _gather(parent, next_index)
 
         # Finished list: candidates among the top nb that just finished, if they beat the current ones.
@@ -405,6 +479,7 @@ def beam_search(
         beams.fin_score = _gather(merged_score, best)
         beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
         beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(token)], dim=1), best)
+        beams.fin_parents = _gather(torch.cat([beams.fin_parents, cand_parents], dim=1), best)
         beams.steps = generated
 
         # Can the best running beam still beat the worst finished one?
@@ -427,6 +502,8 @@ def beam_search(
         rows = (run_parent + torch.arange(n_active, device=device)[:, None] * nb).view(-1)
         if n_done == n_active or (n_done and options.drop_finished):
             results.append((beams.prompts[done], beams.take(done.nonzero().squeeze(1))))
+            if stream is not None:
+                _stream_finished(stream, results[-1][1], options, eos, prefix_len)
             keep = (~done).nonzero().squeeze(1)
             beams = beams.take(keep)
             rows = rows.view(n_active, nb)[keep].view(-1)
@@ -447,7 +524,22 @@ def beam_search(
             break
         step += 1
     bar.close()
-    return _collect_beams(results, n_prompts, options, eos, prefix_len)
+    collected = _collect_beams(results, n_prompts, options, eos, prefix_len)
+    return replace(collected, step_scores=None if score_record is None else score_record.assemble(n_prompts * nb),
+                   step_logits=None if logit_record is None else logit_record.assemble(n_prompts * nb))
+
+
+def _stream_finished(stream: StreamSink, beams: _Beams, options: DecodeOptions, eos: torch.LongTensor | None,
+                     prefix_len: int) -> None:
+    """The returned sequences of prompts that are done, with why each ended."""
+    r = options.num_return_sequences
+    lengths = beams.fin_len[:, :r]                                           # [D, r]
+    last = beams.fin_seq[:, :r].gather(2, (prefix_len + lengths - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    codes = _end_codes(_is_eos(last, eos), lengths == options.max_new_tokens, torch.ones_like(last, dtype=torch.bool))
+    rows = (beams.prompts[:, None] * r + torch.arange(r, device=lengths.device)).view(-1).tolist()
+    tokens = [seq[prefix_len:prefix_len + n] for seq, n in zip(beams.fin_seq[:, :r].flatten(0, 1).tolist(),
+                                                                 lengths.reshape(-1).tolist())]
+    stream.finished(rows, tokens, codes.reshape(-1).tolist())
 
 
 def _collect_beams(results, n_prompts: int, options: DecodeOptions, eos, prefix_len: int) -> SearchResult:
@@ -458,6 +550,7 @@ def _collect_beams(results, n_prompts: int, options: DecodeOptions, eos, prefix_
     seq = torch.cat([b.fin_seq[:, :r] for _, b in results])[order].flatten(0, 1)     # [N, P + L]
     score = torch.cat([b.fin_score[:, :r] for _, b in results])[order].flatten()
     length = torch.cat([b.fin_len[:, :r] for _, b in results])[order].flatten()
+    parents = torch.cat([b.fin_parents[:, :r] for _, b in results])[order].flatten(0, 1)  # [N, W]
     assert prompts.numel() == n_prompts, "every prompt must finish exactly once"
     last = seq.gather(1, (prefix_len + length - 1).clamp_min(0)[:, None]).squeeze(1)
     terminated = torch.isin(last, eos) if eos is not None else torch.zeros_like(last, dtype=torch.bool)
@@ -465,4 +558,6 @@ def _collect_beams(results, n_prompts: int, options: DecodeOptions, eos, prefix_
     sequences = seq[:, :width].clone()
     beyond = torch.arange(width, device=seq.device)[None, :] >= (prefix_len + length)[:, None]
     sequences[beyond] = options.pad_token_id
-    return SearchResult(sequences=sequences, lengths=length, terminated=terminated, scores=score)
+    beam_indices = parents[:, :width - prefix_len] if options.return_dict_in_generate else None
+    return SearchResult(sequences=sequences, lengths=length, terminated=terminated, scores=score,
+                        beam_indices=beam_indices)

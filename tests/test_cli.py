@@ -42,3 +42,27 @@ def test_cli_beam_search_with_several_sequences(model_dir, capsys):
 def test_cli_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["--prompt", "x", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_streams_by_default_and_no_stream_prints_the_same(model_dir, capsys):
+    argv = ["--prompt", "w5 w6 w7", "--model", str(model_dir), "--max-new-tokens", "6", "--do-sample", "--seed", "2"]
+    assert main(argv) == 0
+    streamed = capsys.readouterr().out
+    assert main(argv + ["--no-stream"]) == 0
+    assert streamed == capsys.readouterr().out
+    assert "terminated: " in streamed
+
+
+def test_cli_streams_each_row_when_it_ends(model_dir, capsys, monkeypatch):
+    import decoding.cli as cli
+    calls = []
+    original = cli.generate
+
+    def spy(*args, stream=None, **kwargs):
+        calls.append(stream)
+        return original(*args, stream=stream, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", spy)
+    assert main(["--prompt", "w5 w6", "--prompt", "w9", "--model", str(model_dir), "--max-new-tokens", "4"]) == 0
+    assert calls[0] is not None
+    assert capsys.readouterr().out.count("terminated: ") == 2

@@ -154,8 +154,10 @@ GPT2_IDS = torch.tensor([[5, 6, 7], [8, 9, 10]])
     ({"early_stopping": "sometimes", "num_beams": 2}, ValueError, "early_stopping"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
-    ({"bad_words_ids": [[3]]}, NotImplementedError, "bad_words_ids"),
-    ({"output_scores": True}, NotImplementedError, "output_scores"),
+    ({"num_beam_groups": 2, "num_beams": 2}, NotImplementedError, "num_beam_groups"),
+    ({"output_attentions": True}, NotImplementedError, "output_attentions"),
+    ({"bad_words_ids": [[3, 10_000]]}, ValueError, "bad_words_ids"),
+    ({"stop_strings": ["x"]}, ValueError, "tokenizer"),
     ({"not_an_option": 1}, TypeError, "not_an_option"),
     ({"generator": 7}, TypeError, "generator"),
 ])
