@@ -160,3 +160,45 @@ def test_bad_options_are_rejected(options, argument):
     arguments = {"epochs": 1, "lr": 1e-3, **options}
     with pytest.raises(ValueError, match=argument):
         train_lm(model, toy_batches(0), toy_batches(1), progress=False, **arguments)
+
+
+def test_scored_loss_equals_the_forward_loss_with_its_gradients():
+    """RecurrentLM.scored_loss runs the output layer on fewer positions, for the same value and gradient."""
+    for head, epsilon in (("vanilla", None), ("st", 0.1), ("nmst", 0.1)):
+        torch.manual_seed(0)
+        model = lstm_lm(12, eos_token_id=EOS, pad_token_id=PAD, head=head, epsilon=epsilon, hidden_size=8, dropout=0.0)
+        batch = toy_batches(5)[0]
+        full = model(**batch).loss
+        (full_grad,) = torch.autograd.grad(full, model.output.weight)
+        fast = model.scored_loss(**batch)
+        (fast_grad,) = torch.autograd.grad(fast, model.output.weight)
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast_grad, full_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_function_autocast_and_per_epoch_metrics_survive_a_resume(tmp_path):
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return model.scored_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def probe(model, epoch):
+        assert not model.training  # measured in eval mode
+        return {"epoch_squared": epoch**2, "weight_norm": float(model.output.weight.detach().norm())}
+
+    def fresh():
+        torch.manual_seed(0)
+        return rnn_lm(12, eos_token_id=EOS, pad_token_id=PAD, hidden_size=8, dropout=0.0)
+
+    train, valid = toy_batches(2), toy_batches(3, count=2)
+    options = dict(lr=1e-2, patience=5, progress=False, loss_fn=loss_fn, autocast_dtype=torch.bfloat16,
+                   on_epoch_end=probe, checkpoint_dir=tmp_path)  # fmt: skip
+    model = fresh()
+    first = train_lm(model, train, valid, epochs=1, **options)
+    assert model.training  # train mode restored after the probe
+    assert calls and all(calls)  # training and validation both ran the function under autocast
+    history = train_lm(fresh(), train, valid, epochs=2, **options)
+    assert [e.metrics["epoch_squared"] for e in history.epochs] == [1.0, 4.0]
+    assert history.epochs[0] == first.epochs[0]  # the resumed run kept epoch 1's metrics from the checkpoint
+    assert history.epochs[1].metrics["weight_norm"] != history.epochs[0].metrics["weight_norm"]
