@@ -16,7 +16,7 @@
    seq-rep-4, and for sampled decoders the spread over independent sample sets.
 
 Tiers: ``--quick`` (the README's first command, under 45 minutes on 2 CPU cores: 10k-word vocabulary,
-two epochs over 500k tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, at most 3 hours
+two epochs over 1M tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, at most 3 hours
 there: the full vocabulary and training split, 1,000 test prompts; results set next to the papers'), and
 the default, paper-size settings (40 epochs, every test sentence: days on a CPU). L is never reduced.
 
@@ -71,9 +71,9 @@ class Settings:
 
 QUICK = Settings(
     words=WordSettings(
-        vocab_size=10_000, train_tokens=500_000, eval_sentences=1000, prompts=400, rnn_hidden=256,
-        lstm_hidden=256, rnn_dropout=0.1, lstm_dropout=0.1, epochs=2, head_epochs=1, patience=2, lr=3e-3,
-        valid_prompts=200, autocast="bfloat16",
+        vocab_size=10_000, train_tokens=1_000_000, eval_sentences=1000, prompts=400, rnn_hidden=256,
+        lstm_hidden=256, rnn_dropout=0.1, lstm_dropout=0.1, epochs=2, head_epochs=1, patience=2, lr=2e-3,
+        batch_sentences=32, valid_prompts=200, autocast="bfloat16",
     ),
     epsilons=(1e-3,),
     smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=100_000, train_layers=2, batch_tokens=1024, lr=1e-4),
@@ -84,8 +84,8 @@ QUICK = Settings(
 STANDARD = Settings(
     words=WordSettings(
         vocab_size=None, train_tokens=None, eval_sentences=None, prompts=1000, rnn_hidden=256, lstm_hidden=256,
-        rnn_dropout=0.2, lstm_dropout=0.2, epochs=3, head_epochs=1, patience=3, lr=2e-3, valid_prompts=300,
-        autocast="bfloat16",
+        rnn_dropout=0.2, lstm_dropout=0.2, epochs=3, head_epochs=1, patience=3, lr=2e-3, batch_sentences=32,
+        valid_prompts=300, autocast="bfloat16",
     ),
     epsilons=(1e-3,),
     sample_sets=2,
@@ -338,7 +338,8 @@ def notes_for(settings: Settings, *, tier: str) -> list[str]:
         f"hidden {words.rnn_hidden} (RNN) / {words.lstm_hidden} (LSTM) x {words.layers} layers, dropout "
         f"{words.rnn_dropout} / {words.lstm_dropout}; training tokens per epoch {words.train_tokens or 'all'}; "
         f"{words.epochs} epochs at most (patience {words.patience}, Adam lr {words.lr}, "
-        f"{'bfloat16 autocast' if words.autocast else 'float32'} training, float32 evaluation and decoding); {heads}.",
+        f"{'bfloat16 autocast' if words.autocast else 'float32'} training, float32 evaluation and decoding, "
+        f"{words.batch_sentences} sentences a batch, output bias initialised to the log unigram distribution); {heads}.",
         f"Per-epoch greedy r_L on {words.valid_prompts} fixed validation contexts (papers: 1,000).",
         f"SmolLM2: WikiText-2 test lines, first 10 SmolLM2 tokens = context; {smol.prompts} prompts; fine-tunes "
         f"train the top {smol.train_layers} of 30 layers, the final norm and the eos row of the output layer on {smol.finetune_tokens:,} train-line "
@@ -350,7 +351,7 @@ def notes_for(settings: Settings, *, tier: str) -> list[str]:
     if tuple(settings.smol_decoders) != tuple(DECODERS):
         notes.append(f"SmolLM2 decoders reduced to {', '.join(settings.smol_decoders)} (CPU budget).")
     if tier == "quick":
-        notes.append("--quick: 10k-word vocabulary, 500k training tokens per epoch, 2 epochs - perplexities are "
+        notes.append("--quick: 10k-word vocabulary, 1M training tokens per epoch, 2 epochs - perplexities are "
                      "far from the papers'; read the trends, not the digits.")
     if not settings.smollm2:
         notes = [note for note in notes if not note.startswith("SmolLM2")]

