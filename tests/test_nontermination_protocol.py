@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -154,6 +153,7 @@ def _first_command() -> str:
 def test_the_readme_first_command_installs_what_the_smollm2_loader_imports() -> None:
     """CI installs the dev extra, which hides a package missing from the bench extra; this test reads the
     README's first command and the project's extras instead of the environment."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     command = _first_command()
     assert "benchmarks.nontermination --quick" in command
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
