@@ -359,6 +359,11 @@ class SmolLM2Bench:
         self._prefix("train")
         return self._batch_nll(index, "train", head, 0)
 
+    def train_batch_tokens(self, index: int) -> int:
+        """How many tokens :meth:`train_batch_nll` scores in train batch ``index`` (all but each line's first)."""
+        ids = self._prefixes["train_ids"][index]
+        return int(_real_tokens(ids, self.eos).sum()) - ids.shape[0]
+
     def train_batch_count(self) -> int:
         """How many train batches there are (the frozen layers' pass runs first if needed)."""
         return len(self._prefix("train"))
