@@ -106,7 +106,8 @@ class EpsilonChoice:
 
 
 def _epsilon_with_bound_at_least(length: int) -> float:
-    """The largest epsilon (to float precision) with ``termination_bound(epsilon) >= length``."""
+    """The epsilon at which the unrounded bound ``ln 2 / -ln(1 - eps)`` equals ``length`` (so that
+    ``termination_bound(epsilon) == length``): ``p(eos) >= 1/2`` is forced no earlier than ``length``."""
     epsilon = -math.expm1(-math.log(2.0) / length)
     while termination_bound(epsilon) < length:  # rounding: step down until the bound holds
         epsilon = math.nextafter(epsilon, 0.0)
@@ -116,8 +117,9 @@ def _epsilon_with_bound_at_least(length: int) -> float:
 def choose_epsilon(
     lengths: Sequence[int], *, quantile: float = 0.99, max_perplexity_increase: float = 0.02
 ) -> EpsilonChoice:
-    """The largest epsilon that keeps ``T(eps)`` at or above the ``quantile`` of ``lengths`` and the predicted
-    perplexity factor (:func:`perplexity_tax`) at or below ``1 + max_perplexity_increase``.
+    """The largest epsilon that keeps the predicted perplexity factor (:func:`perplexity_tax`) at or below
+    ``1 + max_perplexity_increase`` and the greedy bound ``ln 2 / -ln(1 - eps)`` at or above the ``quantile``
+    of ``lengths``.
 
     Args:
         lengths: tokens per sequence (eos included) from where ``t`` starts: the whole sequence when training
@@ -151,8 +153,9 @@ def fit_eos_row(model: Any, batches: Sequence[dict[str, torch.Tensor]], *, kind:
     The model's eos log-odds at a position are ``z - c`` (``z`` its eos logit, ``c`` the log-sum-exp of the
     others). NMST's sigmoid is ``p(eos)``: the row is fitted so that its logit is close to ``z - c``; ST's
     sigmoid is the probability to continue: close to ``c - z``. The fit is a ridge regression of those
-    targets on the output layer's inputs at the real positions of ``batches`` (the bias too, if the layer
-    has one). With tied embeddings the input embedding of eos changes with it, which matters only after eos.
+    targets on the output layer's inputs at the positions of ``batches`` that read a real token other than eos
+    (the bias too, if the layer has one). With tied embeddings the input embedding of eos changes with it,
+    which matters only for text read after an eos.
 
     Raises:
         ValueError: the model's logits are not its output layer's output (e.g. scaled afterwards).
@@ -170,7 +173,8 @@ def fit_eos_row(model: Any, batches: Sequence[dict[str, torch.Tensor]], *, kind:
             hidden, raw = captured.pop()
             if not torch.allclose(raw.float(), logits.float(), atol=1e-4, rtol=1e-4):
                 raise ValueError("the model's logits are not its output layer's output: use eos_init='keep'")
-            real = batch["attention_mask"].to(device).bool()
+            input_ids = batch["input_ids"].to(device)  # positions that read eos predict nothing: left out
+            real = batch["attention_mask"].to(device).bool() & (input_ids != eos_token_id)
             raw = raw[real].double()  # [N, V]
             others = torch.cat([raw[:, :eos_token_id], raw[:, eos_token_id + 1 :]], dim=-1)
             log_odds = raw[:, eos_token_id] - torch.logsumexp(others, dim=-1)  # [N]
