@@ -19,6 +19,18 @@ reference, seq-rep-4 (:mod:`benchmarks.nontermination_cells`). Report: ``smollm2
 (:mod:`benchmarks.smollm2_frontier_report`). Fine-tunes (checkpointed), records and decoded cells are cached
 atomically under ``$CONSISTENT_DECODING_CACHE/smollm2-frontier/<settings hash>``, so an interrupted run
 resumes where it stopped.
+
+Cost on this 2-core CPU, estimated (not yet run) from the committed quick run and short measurements taken
+while another job loaded the machine (so on the slow side): a fine-tune step costs 0.80 / 0.98 / 1.35 ms per
+token when training the top 2 / 4 / 8 layers (bf16, ~2k-token batches; the quick run's 2-layer fine-tunes
+took 1.2-1.45 ms per token with 1k-token batches and optimizer steps included), so nine 200k-token fine-tunes
+over 4 layers take about 35 min (8 layers: about 11 min more); the frozen layers' passes about 4 min;
+eleven perplexities about 4 min; the two continuations 2 x 1,200 CPU s, about 21 min. Decoding 64 prompts
+took 0.34 s per step (0.58 s for 128 rows), about 410 s for a cell whose rows all run to L = 1,000; with the
+quick run's lengths (vanilla-like models 70 % greedy / 30 % nucleus rows to L, eps = 1e-3 greedy stops near
+650 tokens and nucleus near 35) and the smaller eps assumed vanilla-like, the 22 cells take about 75 min.
+Expected total about 2.3 h; the worst case (every row of every model to L) about 3.6 h, finished by a
+second, resumed invocation.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Tables, JSON and the frontier plot of :mod:`benchmarks.smollm2_frontier`.
 
-One row per model: test perplexity (and its ratio to ``ft-vanilla``'s), the least perplexity factor an
-ST / NMST head with that eps must pay on the test lines' lengths (:func:`training.perplexity_tax`), and per
+One row per model: test perplexity (and its ratio to ``ft-vanilla``'s), the perplexity factor the eps floor
+on p(eos) costs on the test lines' lengths (:func:`training.perplexity_tax`), and per
 decoder r_L, the mean length ratio to the reference and seq-rep-4, with the fine-tuning time. Models are
 comparable only at equal compute: :func:`check_budgets` refuses records fine-tuned on different token budgets
 or layer counts, and continuations with different update budgets.
@@ -51,7 +51,7 @@ def frontier_rows(records: dict[str, dict], cells: Sequence[CellResult], lengths
             "model": name, "test_perplexity": record["test_perplexity"],
             "perplexity_ratio": record["test_perplexity"] / vanilla if vanilla else None,
             "epsilon": epsilon, "termination_bound": termination_bound(epsilon) if epsilon else None,
-            "predicted_min_perplexity_factor": perplexity_tax(lengths, epsilon) if epsilon and lengths else None,
+            "predicted_perplexity_factor": perplexity_tax(lengths, epsilon) if epsilon and lengths else None,
             "finetune_seconds": record["finetune_seconds"] + continuation.get("seconds", 0.0),
             "finetune_cpu_seconds": record.get("finetune_cpu_seconds", 0.0) + continuation.get("cpu_seconds", 0.0),
             "decoders": {},
@@ -69,7 +69,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def _table(rows: list[dict], decoders: Sequence[str]) -> list[str]:
-    head = "| model | eps | T(eps) | test ppl | vs vanilla | least factor (eps) | " + " | ".join(
+    head = "| model | eps | T(eps) | test ppl | vs vanilla | predicted factor (eps) | " + " | ".join(
         f"{d} r_L | {d} len ratio | {d} seq-rep-4" for d in decoders) + " | fine-tune min |"  # fmt: skip
     lines = [head, "|" + "---|" * (7 + 3 * len(decoders))]
     for row in rows:
@@ -79,7 +79,7 @@ def _table(rows: list[dict], decoders: Sequence[str]) -> list[str]:
             cells += [_fmt(got.get("nontermination"), 3), _fmt(got.get("length_ratio"), 2), _fmt(got.get("seq_rep_4"), 3)]
         lines.append(f"| {row['model']} | {row['epsilon'] or '-'} | {row['termination_bound'] or '-'} | "
                      f"{row['test_perplexity']:.2f} | {_fmt(row['perplexity_ratio'], 3)} | "
-                     f"{_fmt(row['predicted_min_perplexity_factor'], 3)} | " + " | ".join(cells)
+                     f"{_fmt(row['predicted_perplexity_factor'], 3)} | " + " | ".join(cells)
                      + f" | {row['finetune_seconds'] / 60:.1f} |")  # fmt: skip
     return lines
 
@@ -131,8 +131,9 @@ def markdown_report(result: Any, *, command: str, env: dict[str, Any], wall_seco
         f"with continuations <= {continuation.max_reference_tokens} tokens, capped at "
         f"{continuation.length_factor} x the longest reference.",
         f"L = {settings.max_new_tokens}; sampled decoders: {settings.sample_sets} sample set(s) per prompt.",
-        "least factor (eps): the perplexity factor an ST/NMST head must pay on these test lines' lengths, "
-        "exp(-ln(1-eps) sum n(n-1) / (2 sum n)).",
+        "predicted factor (eps): what the eps floor on p(eos) costs a model with the same next-token choices on "
+        "these test lines' lengths, exp(-ln(1-eps) sum n(n-1) / (2 sum n)); the measured ratio to ft-vanilla "
+        "also reflects whatever else each fine-tune learnt.",
     ]
     if result.missing:
         notes.append(f"Not run (not in the cache when this report was written): {', '.join(result.missing)}.")

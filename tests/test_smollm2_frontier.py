@@ -4,7 +4,6 @@ continuations, MGS, cells, report, resume), and the report's refusal to mix budg
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,7 @@ def test_frontier_code_path_with_a_tiny_llama(tmp_path: Path, monkeypatch: pytes
     assert report["command"].startswith("python -m benchmarks.smollm2_frontier")
     assert [row["model"] for row in report["frontier"]] == names
     assert report["frontier"][1]["termination_bound"] == 4
-    assert report["frontier"][1]["predicted_min_perplexity_factor"] > 1.0
+    assert report["frontier"][1]["predicted_perplexity_factor"] > 1.0
     markdown = (tmp_path / "out" / "smollm2-frontier.md").read_text()
     assert "## Frontier" in markdown and "Moonshot" in markdown and "MGS vs the MLE continuation" in markdown
 
