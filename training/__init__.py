@@ -22,6 +22,8 @@ from .lm import collate_lm_batch, evaluate_perplexity, train_lm
 from .loop import LoopConfig, TrainResult, load_best, train
 from .losses import MovingAverageBaseline, length_normalised, mle_loss, mrt_loss, pg_loss, teacher_forced_logprobs
 from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, log_proposal_density
+from .self_terminating_finetune import (EpsilonChoice, choose_epsilon, finetune_self_terminating, fit_eos_row,
+                                        perplexity_tax, sampled_nontermination_bound)
 from .models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
 from .steps import MLEStep, MRTStep, PGStep, UpdateStep
 from .task import Seq2SeqTask, SequenceTask
@@ -38,6 +40,8 @@ __all__ = [
     "collate_lm_batch", "evaluate_perplexity", "train_lm",
     "MovingAverageBaseline", "length_normalised", "mle_loss", "mrt_loss", "pg_loss", "teacher_forced_logprobs",
     "MGSConfig", "MGSStep", "candidate_costs", "importance_log_weights", "log_proposal_density",
+    "EpsilonChoice", "choose_epsilon", "finetune_self_terminating", "fit_eos_row", "perplexity_tax",
+    "sampled_nontermination_bound",
     "Seq2SeqSize", "build_seq2seq", "load_seq2seq", "save_seq2seq",
     "MLEStep", "MRTStep", "PGStep", "UpdateStep",
     "Seq2SeqTask", "SequenceTask",

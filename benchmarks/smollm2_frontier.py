@@ -1,0 +1,366 @@
+"""Which SmolLM2 fine-tune stops where it should, at what perplexity? The ST / NMST / MGS frontier.
+
+    python -m benchmarks.smollm2_frontier [--data-dir ../shared/data] [--out DIR] [--cache-dir DIR] [--seed 0]
+        [--models 'ft-st-*'] [--threads N] [--no-progress] [--report-only] [--list]
+
+SmolLM2-135M-Instruct (:mod:`benchmarks.nontermination_smollm2`: WikiText-2 lines, first 10 tokens = prompt,
+the top ``train_layers`` layers, final norm and eos row trained over frozen lower layers) is fine-tuned from
+the same weights on the same train lines in the same order, one pass of ``finetune_tokens`` tokens each:
+
+- ``ft-vanilla``: the softmax head;
+- ``ft-st-<eps>`` and ``ft-nmst-<eps>`` for every eps of the sweep;
+- two continuations of ``ft-vanilla`` with the same budget of update time (process CPU time, steady on a
+  shared machine): ``ft-vanilla+mle`` (more MLE passes) and ``ft-vanilla+mgs`` (MLE-guided parameter search
+  against a sequence cost on greedy decodes of short train lines; :class:`training.prompt_costs.PromptTask`).
+
+Every model is scored by test perplexity (continuations after 10 tokens) and decoded from the same test
+prompts with greedy and consistent nucleus-0.4 to L = 1,000 new tokens: r_L, mean length ratio to the
+reference, seq-rep-4 (:mod:`benchmarks.nontermination_cells`). Report: ``smollm2-frontier.{md,json,png}``
+(:mod:`benchmarks.smollm2_frontier_report`). Fine-tunes (checkpointed), records and decoded cells are cached
+atomically under ``$CONSISTENT_DECODING_CACHE/smollm2-frontier/<settings hash>``, so an interrupted run
+resumes where it stopped.
+
+Cost on this 2-core CPU, estimated (not yet run) from the committed quick run and short measurements taken
+while another job loaded the machine (so on the slow side): a fine-tune step costs 0.80 / 0.98 / 1.35 ms per
+token when training the top 2 / 4 / 8 layers (bf16, ~2k-token batches; the quick run's 2-layer fine-tunes
+took 1.2-1.45 ms per token with 1k-token batches and optimizer steps included), so nine 200k-token fine-tunes
+over 4 layers take about 35 min (8 layers: about 11 min more); the frozen layers' passes about 4 min;
+eleven perplexities about 4 min; the two continuations 2 x 1,200 CPU s, about 21 min. Decoding 64 prompts
+took 0.34 s per step (0.58 s for 128 rows), about 410 s for a cell whose rows all run to L = 1,000; with the
+quick run's lengths (vanilla-like models 70 % greedy / 30 % nucleus rows to L, eps = 1e-3 greedy stops near
+650 tokens and nucleus near 35) and the smaller eps assumed vanilla-like, the 22 cells take about 75 min.
+Expected total about 2.3 h; the worst case (every row of every model to L) about 3.6 h, finished by a
+second, resumed invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.data import CACHE_ENV, add_data_arguments
+from benchmarks.nontermination import format_epsilon
+from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
+from benchmarks.nontermination_smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
+from training.mgs import MGSConfig, MGSStep
+from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
+
+REPO = Path(__file__).resolve().parent.parent
+VANILLA, MLE_CONTINUATION, MGS_CONTINUATION = "ft-vanilla", "ft-vanilla+mle", "ft-vanilla+mgs"
+
+
+@dataclass(frozen=True)
+class ContinuationSettings:
+    """The two continuations of ``ft-vanilla`` (MLE and MGS) at equal update time.
+
+    Attributes:
+        cpu_seconds: process CPU time of each continuation's updates (with 2 threads about twice wall time).
+        max_updates: an extra cap on updates (None: the time budget alone).
+        mgs: K, sigma, alpha, pi and the rest of MGS.
+        cost: token-level costs averaged into the MGS cost (:data:`training.prompt_costs.TOKEN_COSTS`).
+        decode_rows: train-line prompts greedily decoded per MGS cost evaluation.
+        max_reference_tokens: only train lines whose continuation (eos included) is at most this long feed the
+            MGS decodes, so their length cap stays small.
+        length_factor: the decodes' cap is ``ceil(factor * longest reference)`` new tokens.
+    """
+
+    cpu_seconds: float = 1200.0
+    max_updates: int | None = None
+    mgs: MGSConfig = MGSConfig()
+    cost: tuple[str, ...] = ("nontermination", "repetition")
+    decode_rows: int = 16
+    max_reference_tokens: int = 48
+    length_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not self.cpu_seconds > 0 or (self.max_updates is not None and self.max_updates < 1):
+            raise ValueError(f"cpu_seconds must be > 0 and max_updates >= 1, got {self.cpu_seconds}, {self.max_updates}")
+        if not self.cost or any(name not in TOKEN_COSTS for name in self.cost):
+            raise ValueError(f"cost must name token-level costs {TOKEN_COSTS}, got {self.cost}")
+        if self.decode_rows < 1 or self.max_reference_tokens < 1 or not self.length_factor > 0:
+            raise ValueError("decode_rows, max_reference_tokens and length_factor must be positive")
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """Everything that decides the numbers (hashed into the cache key). ``smol.epsilon`` is unused here."""
+
+    smol: SmolSettings = SmolSettings(prompts=64, eval_lines=400, finetune_tokens=200_000, train_layers=4, lr=1e-4,
+                                      batch_tokens=2048)  # fmt: skip
+    epsilons: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 1e-5)
+    continuation: ContinuationSettings = ContinuationSettings()
+    max_new_tokens: int = 1000
+    decoders: tuple[str, ...] = ("greedy", "consistent-nucleus-0.4")
+    sample_sets: int = 1
+    batch_prompts: int = 64
+    seed: int = 0
+    version: int = 1  # bump when a code change alters the numbers, so cached results are not reused
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.decoders if d not in DECODERS]
+        if unknown:
+            raise ValueError(f"unknown decoders {unknown}; choose from {', '.join(DECODERS)}")
+        if not self.epsilons or self.max_new_tokens < 1 or self.sample_sets < 1 or self.batch_prompts < 1:
+            raise ValueError("epsilons must be non-empty; max_new_tokens, sample_sets, batch_prompts >= 1")
+
+
+def finetune_heads(settings: FrontierSettings) -> dict[str, Head]:
+    """The fine-tunes from the pretrained weights: name -> head, vanilla first, then ST / NMST per eps."""
+    heads = {VANILLA: Head()}
+    for epsilon in settings.epsilons:
+        for kind in ("st", "nmst"):
+            heads[f"ft-{kind}-{format_epsilon(epsilon)}"] = Head(kind, epsilon)
+    return heads
+
+
+def all_models(settings: FrontierSettings) -> list[str]:
+    return [*finetune_heads(settings), MLE_CONTINUATION, MGS_CONTINUATION]
+
+
+def cache_key(settings: FrontierSettings) -> str:
+    text = json.dumps(asdict(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding"
+    return Path(root).expanduser() / "smollm2-frontier"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ continuations
+def decode_pool(bench: SmolLM2Bench, settings: ContinuationSettings, *, seed: int) -> list[list[int]]:
+    """Train lines short enough for the MGS decodes, in a seeded order (raises if there are none)."""
+    limit = CONTEXT_LEN + settings.max_reference_tokens
+    pool = [line for line in bench.data.train if len(line) <= limit]
+    if not pool:
+        raise ValueError(f"no train line has a continuation of at most {settings.max_reference_tokens} tokens: "
+                         "raise continuation.max_reference_tokens")  # fmt: skip
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def prompts_for_update(pool: list[list[int]], step: int, rows: int) -> Prompts:
+    """The ``step``-th group of ``rows`` lines of ``pool`` (cycling) as prompts with reference lengths."""
+    rows = min(rows, len(pool))
+    lines = [pool[(step * rows + offset) % len(pool)] for offset in range(rows)]
+    return Prompts(torch.tensor([line[:CONTEXT_LEN] for line in lines], dtype=torch.long),
+                   torch.tensor([len(line) - CONTEXT_LEN for line in lines], dtype=torch.long))  # fmt: skip
+
+
+def continuation_order(bench: SmolLM2Bench, *, seed: int, passes: int = 1000) -> list[int]:
+    """Further passes over the train batches, each in a fresh seeded order (the fine-tune used pass 0)."""
+    count = bench.train_batch_count()
+    order = []
+    for index in range(1, passes + 1):
+        order += torch.randperm(count, generator=torch.Generator().manual_seed(seed + index)).tolist()
+    return order
+
+
+def mgs_update(bench: SmolLM2Bench, settings: ContinuationSettings, *, seed: int):
+    """The MGS update of the vanilla head: MLE direction on the train batch, cost on short lines' decodes."""
+    head = Head()
+
+    def loss(model: torch.nn.Module, index: int) -> torch.Tensor:
+        nll, count = bench.train_batch_nll(index, head)
+        return nll / count
+
+    task = PromptTask(loss=loss, eos_token_id=bench.eos, pad_token_id=bench.eos, cost=mean_cost(settings.cost),
+                      max_length_factor=settings.length_factor)  # fmt: skip
+    step_rule, pool = MGSStep(task, settings.mgs), decode_pool(bench, settings, seed=seed)
+
+    def update(step: int, index: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
+        prompts = prompts_for_update(pool, step, settings.decode_rows)
+        logs = step_rule(bench.model, PromptTaskBatch(index, prompts), optimizer, generator=generator)
+        count = bench.train_batch_tokens(index)
+        return {"nll": logs["mle_loss"] * count, "tokens": count, "max_new_tokens": task.max_new_tokens(prompts), **logs}
+
+    return update
+
+
+def run_continuation(bench: SmolLM2Bench, name: str, base: dict, settings: FrontierSettings) -> dict:
+    """``ft-vanilla+mle`` or ``ft-vanilla+mgs`` from ``ft-vanilla``'s weights (loaded), or its cached record."""
+    record_path = bench.folder / f"{name}.json"
+    if not (record_path.is_file() and (bench.folder / f"{name}.pt").is_file()):
+        config, seed = settings.continuation, settings.seed
+        order = continuation_order(bench, seed=seed)
+        if config.max_updates is not None:
+            order = order[: config.max_updates]
+        update = bench.mle_update(Head()) if name == MLE_CONTINUATION else mgs_update(bench, config, seed=seed)
+        counts = bench.train_updates(name, start=bench.weights(), order=order, update=update,
+                                     max_cpu_seconds=config.cpu_seconds)  # fmt: skip
+        record = {
+            **base, "test_perplexity": bench.perplexity(Head()), "start": VANILLA,
+            "method": "mle" if name == MLE_CONTINUATION else "mgs",
+            "continuation": {"budget_cpu_seconds": config.cpu_seconds, "max_updates": config.max_updates,
+                             "updates": counts["steps"], "tokens": counts["tokens"], "seconds": counts["seconds"],
+                             "cpu_seconds": counts["cpu_seconds"], "train_loss": counts["train_loss"],
+                             "stopped_by": counts["stopped_by"]},
+        }  # fmt: skip
+        if name == MGS_CONTINUATION:
+            record["continuation"]["mgs_logs"] = [
+                {key: log[key] for key in ("cost_before", "cost_best", "weight_mle", "ess", "mle_loss", "max_new_tokens")}
+                for log in counts["logs"]
+            ]  # fmt: skip
+        write_json(record_path, record)
+        bench.finish(name)
+    bench.load_weights(name)
+    return json.loads(record_path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- run
+@dataclass
+class FrontierResult:
+    """What :func:`run_frontier` gathered: model records and cells, in table order."""
+
+    settings: FrontierSettings
+    records: dict[str, dict] = field(default_factory=dict)
+    cells: list[CellResult] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    evaluation_lengths: list[int] | None = None  # scored tokens per perplexity line (t counts them)
+
+
+def _decode_missing(bench: SmolLM2Bench, name: str, head: Head, root: Path, settings: FrontierSettings,
+                    progress: bool) -> None:  # fmt: skip
+    model = bench.decodable(head)
+    for decoder in settings.decoders:
+        path = root / "cells" / f"{name}__{decoder}.json"
+        if path.is_file():
+            continue
+        result = decode_cell(
+            model, bench.data.prompts, model_name=name, decoder=DECODERS[decoder], eos_token_id=bench.eos,
+            pad_token_id=bench.eos, max_new_tokens=settings.max_new_tokens,
+            reference_lengths=bench.data.reference_lengths, sample_sets=settings.sample_sets, seed=settings.seed,
+            batch_size=settings.batch_prompts, progress=progress,
+        )  # fmt: skip
+        save_cell(result, path)
+        summary = result.summary()
+        _say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} len={summary['mean_length']:.1f} "
+             f"({result.seconds:.0f} s)")  # fmt: skip
+
+
+def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
+    cells = all((root / "cells" / f"{name}__{d}.json").is_file() for d in settings.decoders)
+    return not (cells and (root / "models" / f"{name}.json").is_file())
+
+
+def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_dir: str | None, progress: bool) -> None:
+    """Fine-tune, continue and decode whatever the cache lacks, model by model (vanilla first)."""
+    from benchmarks.nontermination_smollm2 import load_smol_data, load_smollm2
+
+    heads = finetune_heads(settings)
+    wanted = [name for name in all_models(settings) if name in models and _missing_work(name, root, settings)]
+    if not wanted:
+        return
+    tokenizer, model = load_smollm2()
+    data = load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
+    write_json(root / "evaluation_lengths.json", [len(line) - CONTEXT_LEN for line in data.evaluation])
+    bench = SmolLM2Bench(tokenizer, model, settings.smol, data, folder=root / "models", seed=settings.seed,
+                         progress=progress)  # fmt: skip
+    for name in wanted:
+        if name in heads:
+            bench.finetune(name, heads[name])
+            _decode_missing(bench, name, heads[name], root, settings, progress)
+            continue
+        base = bench.finetune(VANILLA, heads[VANILLA])  # the starting point (cached after its first run)
+        run_continuation(bench, name, base, settings)
+        _decode_missing(bench, name, Head(), root, settings, progress)
+
+
+def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir: Path, models: list[str],
+                 progress: bool = True, compute: bool = True) -> FrontierResult:  # fmt: skip
+    """Compute what the cache lacks for ``models`` (unless ``compute`` is False) and gather the results."""
+    root = Path(cache_dir) / cache_key(settings)
+    (root / "cells").mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    write_json(root / "settings.json", asdict(settings))
+    if compute:
+        _compute(settings, models, root=root, data_dir=data_dir, progress=progress)
+    result = FrontierResult(settings)
+    if (root / "evaluation_lengths.json").is_file():
+        result.evaluation_lengths = json.loads((root / "evaluation_lengths.json").read_text())
+    for name in [n for n in all_models(settings) if n in models]:
+        record_file = root / "models" / f"{name}.json"
+        if record_file.is_file():
+            result.records[name] = json.loads(record_file.read_text())
+        for decoder in settings.decoders:
+            cell = load_cell(root / "cells" / f"{name}__{decoder}.json")
+            if cell is None:
+                result.missing.append(f"{name} / {decoder}")
+            else:
+                result.cells.append(cell)
+    return result
+
+
+def select(patterns: str | None, names: list[str]) -> list[str]:
+    """Names matching comma-separated names or globs, in ``names`` order; ValueError naming the choices."""
+    if patterns is None:
+        return list(names)
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    for pattern in wanted or [""]:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"unknown model {pattern!r}; choose from {', '.join(names)} (globs allowed)")
+    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2_frontier",
+                                     description="Perplexity vs r_L of SmolLM2 fine-tunes: vanilla, ST/NMST eps sweep, MGS.")
+    add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the report")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data sampling, fine-tuning order and decoding")
+    parser.add_argument("--models", default=None, help="comma-separated model names or globs (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report-only", action="store_true", help="compute nothing: report what the cache holds")
+    parser.add_argument("--list", action="store_true", help="print the model names and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = None) -> FrontierResult:
+    """Command-line entry point; ``settings`` overrides the defaults (tests)."""
+    from benchmarks.nontermination_report import environment
+    from benchmarks.smollm2_frontier_report import write_report
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = replace(settings or FrontierSettings(), seed=args.seed)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.list:
+        print("models:", ", ".join(all_models(settings)))
+        raise SystemExit(0)
+    try:
+        models = select(args.models, all_models(settings))
+    except ValueError as error:
+        parser.error(str(error))
+    start = time.perf_counter()
+    result = run_frontier(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
+                          models=models, progress=not args.no_progress, compute=not args.report_only)  # fmt: skip
+    command = "python -m benchmarks.smollm2_frontier " + shlex.join(argv if argv is not None else sys.argv[1:])
+    env: dict[str, Any] = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    written = write_report(args.out, result, command=command, env=env, wall_seconds=time.perf_counter() - start)
+    _say("wrote " + ", ".join(str(path) for path in written))
+    return result
+
+
+if __name__ == "__main__":
+    main()

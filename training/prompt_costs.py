@@ -1,0 +1,122 @@
+"""A sequence task for decoder-only LMs continuing prompts: MLE on any batch, costs from greedy decodes.
+
+:class:`PromptTask` is what :class:`training.mgs.MGSStep` needs to fine-tune a language model against a
+sequence-level cost such as non-termination: its batches pair whatever the MLE loss reads (``mle``) with
+prompts of one length and their reference continuation lengths (``prompts``), so the MLE gradient and the
+decoded cost may come from different lines (long lines for the likelihood, short ones whose decodes are
+cheap to cap). Costs are token-level (:data:`TOKEN_COSTS`); several are averaged with :func:`mean_cost`.
+
+Example::
+
+    task = PromptTask(loss=lambda model, batch: model(**batch).loss, eos_token_id=eos, pad_token_id=eos,
+                      cost=mean_cost(("nontermination", "repetition")), max_length_factor=1.5)
+    step = MGSStep(task, MGSConfig(num_candidates=4))
+    step(model, PromptTaskBatch(mle=train_batch, prompts=Prompts(prompt_ids, reference_lengths)), optimizer)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .costs import Cost, Decoded, get_cost
+from .decode import decode
+
+__all__ = ["TOKEN_COSTS", "Prompts", "PromptTaskBatch", "PromptTask", "mean_cost"]
+
+TOKEN_COSTS = ("nontermination", "repetition", "length_ratio")
+
+
+def mean_cost(names: Sequence[str]) -> Cost:
+    """The mean of the token-level costs ``names`` (each in [0, 1], so the mean is too)."""
+    if not names or any(name not in TOKEN_COSTS for name in names):
+        raise ValueError(f"names must be a non-empty list of token-level costs {TOKEN_COSTS}, got {list(names)}")
+    costs = [get_cost(name) for name in names]
+
+    def cost(decoded: Decoded) -> torch.Tensor:
+        return torch.stack([each(decoded) for each in costs]).mean(dim=0)
+
+    cost.__name__ = "+".join(names)
+    return cost
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """``B`` prompts of one length, ``input_ids [B, P]`` (no padding), and ``reference_lengths [B]``, the
+    tokens of their reference continuations (eos included)."""
+
+    input_ids: torch.LongTensor
+    reference_lengths: torch.LongTensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2 or self.reference_lengths.shape != self.input_ids.shape[:1]:
+            raise ValueError(f"input_ids must be [B, P] and reference_lengths [B], got "
+                             f"{tuple(self.input_ids.shape)} and {tuple(self.reference_lengths.shape)}")
+        if bool((self.reference_lengths < 1).any()):
+            raise ValueError("reference_lengths must be >= 1 (eos included)")
+
+
+@dataclass(frozen=True)
+class PromptTaskBatch:
+    """What :class:`PromptTask` trains on: ``mle`` for the loss, ``prompts`` for the decoded cost."""
+
+    mle: Any
+    prompts: Prompts
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """A :class:`training.task.SequenceTask` for a decoder-only LM.
+
+    Attributes:
+        loss: ``(model, batch.mle) -> scalar`` mean NLL, differentiable.
+        eos_token_id, pad_token_id: of the model.
+        cost: a token-level cost (:data:`TOKEN_COSTS` name, or e.g. :func:`mean_cost`); costs that read
+            text (BLEU) are refused: this task decodes no text.
+        max_length_factor: greedy decodes stop after ``ceil(factor * longest reference)`` new tokens; a row
+            without eos by then counts as not terminated.
+    """
+
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    eos_token_id: int
+    pad_token_id: int
+    cost: str | Cost = "nontermination"
+    max_length_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cost, str) and self.cost not in TOKEN_COSTS:
+            raise ValueError(f"cost must be a token-level cost {TOKEN_COSTS} or a callable, got {self.cost!r}")
+        if not self.max_length_factor > 0:
+            raise ValueError(f"max_length_factor must be > 0, got {self.max_length_factor}")
+
+    def max_new_tokens(self, prompts: Prompts) -> int:
+        """The decode's length cap for ``prompts``."""
+        return max(1, math.ceil(self.max_length_factor * int(prompts.reference_lengths.max())))
+
+    def decode(self, model: torch.nn.Module, prompts: Prompts) -> Decoded:
+        """Greedy continuations of ``prompts`` (in eval mode; the model's mode is restored)."""
+        was_training = model.training
+        model.eval()
+        try:
+            hypotheses = decode(model, prompts.input_ids, torch.ones_like(prompts.input_ids),
+                                max_new_tokens=self.max_new_tokens(prompts), strategy="greedy",
+                                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # fmt: skip
+        finally:
+            model.train(was_training)
+        rows = prompts.input_ids.shape[0]
+        return Decoded(hypotheses, texts=[""] * rows, references=[""] * rows,
+                       reference_lengths=prompts.reference_lengths)  # fmt: skip
+
+    def mle_loss(self, model: torch.nn.Module, batch: PromptTaskBatch) -> torch.Tensor:
+        """``loss`` on ``batch.mle``."""
+        return self.loss(model, batch.mle)
+
+    def decode_costs(self, model: torch.nn.Module, batch: PromptTaskBatch, *, generator: torch.Generator | None
+                     ) -> torch.Tensor:
+        """``[B]`` costs of the greedy continuations of ``batch.prompts`` (``generator`` unused: greedy)."""
+        del generator
+        return get_cost(self.cost)(self.decode(model, batch.prompts)).float()
