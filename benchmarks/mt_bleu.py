@@ -15,9 +15,10 @@ given the same fine-tuning time and learning rate? MRT and PG are the output-spa
    BLEU (with its signature), chrF, length ratio, non-termination rate, seconds per update.
 
 Tiers: ``--quick`` (about an hour: 1,500 s base, 150 s fine-tuning, 2 seeds, greedy selection on 300
-validation pairs, test_2016_flickr); ``--standard`` (at most 3 hours on a 2-core CPU: base to a plateau or
-3,000 s, 150 s fine-tuning of 5 methods x 3 seeds, selection with beam 4 on all 1,014 validation pairs,
-four test sets, non-termination at 3x the source length); no flag: a 4-hour base.
+validation pairs, test_2016_flickr); ``--standard`` (at most 3 hours with one thread on a shared 2-core
+CPU: base to a plateau or 2,700 s of update time, 150 s fine-tuning of 5 methods x 3 seeds, selection with
+beam 4 on all 1,014 validation pairs, four test sets, non-termination at 3x the source length); no flag: a
+4-hour base.
 
 Writes ``<out>/<name>.md``, ``<out>/<name>.json`` and ``<out>/<name>_val_bleu.png`` (if matplotlib is
 installed). Every stage caches its outcome under ``$CONSISTENT_DECODING_CACHE/mt_bleu`` (default
@@ -100,9 +101,9 @@ class Settings:
 QUICK = Settings(vocab_size=6000, val_pairs=300, base_seconds=1500.0, base_epochs=10, base_warmup=300,
                  base_validate_every=400, finetune_seconds=150.0, finetune_validate_seconds=50.0)
 STANDARD = Settings(test_sets=TEST_SETS, val_beams=4, length_factor=3.0, length_slack=0, per_row_cap=True,
-                    base_seconds=3000.0, base_epochs=40, base_validate_every=400,
+                    base_seconds=2700.0, base_epochs=40, base_validate_every=400,
                     base_plateau=PlateauRule(window_share=0.2, min_gain=0.3, min_validations=5), base_bf16=True,
-                    finetune_seconds=150.0, finetune_validate_seconds=50.0)
+                    finetune_seconds=150.0, finetune_validate_seconds=75.0)
 TIERS = {"full": (Settings(), (0, 1), METHODS), "quick": (QUICK, (0, 1), METHODS),
          "standard": (STANDARD, (0, 1, 2), ALL_METHODS)}
 
@@ -112,7 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = TIERS[tier_name(args)][0]
     overrides = {name: getattr(args, name) for name in
                  ("train_pairs", "val_pairs", "test_pairs", "base_seconds", "finetune_seconds",
-                  "finetune_validate_seconds", "finetune_batch", "finetune_lr", "vocab_size")
+                  "finetune_validate_seconds", "finetune_batch", "finetune_lr", "vocab_size", "length_factor")
                  if getattr(args, name) is not None}
     if args.tiny:
         overrides["size"] = Seq2SeqSize(d_model=32, layers=1, heads=2, ffn_dim=64)
@@ -236,6 +237,7 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
     if info_path.is_file():
         return json.loads(info_path.read_text())
     tokenizer = base_tokenizer(base / "tokenizer", splits["train"], settings)
+    torch.manual_seed(settings.base_seed)   # dropout draws from the global generator (restored on resume)
     model = build_seq2seq(tokenizer, settings.size, seed=settings.base_seed)
     data = encode_parallel(splits["train"], tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -363,8 +365,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     for name, kind in (("train-pairs", int), ("val-pairs", int), ("test-pairs", int), ("vocab-size", int),
                        ("base-seconds", float), ("finetune-seconds", float), ("finetune-validate-seconds", float),
-                       ("finetune-batch", int), ("finetune-lr", float)):
-        parser.add_argument(f"--{name}", type=_positive(kind), default=None)
+                       ("finetune-batch", int), ("finetune-lr", float), ("length-factor", float)):
+        parser.add_argument(f"--{name}", type=_positive(kind), default=None,
+                            help="length cap L = ceil(this x source tokens) (default 3 with --standard)"
+                            if name == "length-factor" else None)
     parser.add_argument("--bf16", choices=("off", "base", "all"), default=None,
                         help="bfloat16 autocast for the updates of the base only, or of every run (evaluation "
                         "always in float32; default: base with --standard, else off)")

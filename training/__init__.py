@@ -23,6 +23,7 @@ from .loop import LoopConfig, TrainResult, load_best, train
 from .losses import MovingAverageBaseline, length_normalised, mle_loss, mrt_loss, pg_loss, teacher_forced_logprobs
 from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, log_proposal_density
 from .models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from .plateau import PlateauRule
 from .steps import MLEStep, MRTStep, PGStep, UpdateStep
 from .task import Seq2SeqTask, SequenceTask
 from .tokenizer import train_tokenizer
@@ -39,6 +40,7 @@ __all__ = [
     "MovingAverageBaseline", "length_normalised", "mle_loss", "mrt_loss", "pg_loss", "teacher_forced_logprobs",
     "MGSConfig", "MGSStep", "candidate_costs", "importance_log_weights", "log_proposal_density",
     "Seq2SeqSize", "build_seq2seq", "load_seq2seq", "save_seq2seq",
+    "PlateauRule",
     "MLEStep", "MRTStep", "PGStep", "UpdateStep",
     "Seq2SeqTask", "SequenceTask",
     "train_tokenizer",
