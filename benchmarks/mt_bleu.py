@@ -367,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("base-seconds", float), ("finetune-seconds", float), ("finetune-validate-seconds", float),
                        ("finetune-batch", int), ("finetune-lr", float), ("length-factor", float)):
         parser.add_argument(f"--{name}", type=_positive(kind), default=None,
-                            help="length cap L = ceil(this x source tokens) (default 3 with --standard)"
+                            help="length cap per row: L = ceil(this x source tokens) with --standard (default 3); "
+                            "otherwise per batch, ceil(this x longest source) + 10 (default 1.5)"
                             if name == "length-factor" else None)
     parser.add_argument("--bf16", choices=("off", "base", "all"), default=None,
                         help="bfloat16 autocast for the updates of the base only, or of every run (evaluation "

@@ -189,3 +189,12 @@ def test_comparison_note_judges_the_difference_against_the_seed_spread():
     assert "+1.10 BLEU, which exceeds the larger seed sd (0.50" in report.comparison_note(runs, "t")
     runs[5]["test_sets"]["t"]["beam4"]["bleu"] = 29.0     # MGS 31.4, 31.6, 29.0: mean 30.67, sd 1.45
     assert "+0.17 BLEU, which does not exceed the larger seed sd (1.45" in report.comparison_note(runs, "t")
+
+
+def test_base_note_says_whether_the_base_plateaued():
+    base = {"updates": 3000, "epochs": 6, "train_seconds": 2700.0, "best_val_bleu": 35.2, "best_update": 2800,
+            "plateau_rule": {"window_share": 0.2, "min_gain": 0.3, "min_validations": 5}}
+    plateaued = report.base_note({**base, "stop_reason": "plateau", "plateau_gain": 0.12})
+    assert "stopped by the plateau rule (gain 0.12 BLEU over the last 20% of training, at most 0.3)" in plateaued
+    capped = report.base_note({**base, "stop_reason": "max_seconds", "plateau_gain": 0.9})
+    assert "max_seconds **before the validation curve plateaued** (last-window gain 0.90)" in capped

@@ -112,6 +112,10 @@ def test_the_loop_stops_on_the_rule_and_records_a_known_start_score(tiny):
     assert [h["score"] for h in result.history] == [5.0, 10.0, 20.0, 25.0, 25.1] and len(calls) == 4
     assert [s["update"] for s in result.step_logs] == list(range(1, 9))
     assert all("mle_loss" in s for s in result.step_logs)
+    no_start = LoopConfig(batch_size=16, max_updates=1, progress=False)
+    with pytest.raises(ValueError, match="start_score"):
+        train(model, MLEStep(Seq2SeqTask(tokenizer)), data, torch.optim.AdamW(model.parameters()),
+              config=no_start, validate=validate, start_score=5.0)
 
 
 def test_bfloat16_autocast_runs_the_update_in_bfloat16_and_bad_dtypes_are_rejected(tiny):

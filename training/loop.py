@@ -4,8 +4,8 @@
 epochs until a budget is spent (updates, epochs or seconds of update time), validates every so often
 (higher scores are better), keeps the best weights, stops early after ``patience`` validations without
 improvement or when a ``stop_rule`` (e.g. :class:`training.plateau.PlateauRule`) says the validation
-curve has plateaued, and writes an atomic checkpoint that a later call resumes from exactly: same batches, same
-random streams, same optimiser and step state.
+curve has plateaued, and writes an atomic checkpoint that a later call resumes from exactly: same batches,
+same random streams, same optimiser and step state.
 
 Files in ``checkpoint_dir``: ``state.pt`` (everything needed to resume) and ``best.pt`` (the best
 weights so far, by validation score).
@@ -188,6 +188,9 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
     a run that already finished returns its stored result at once. After a run stopped by patience the
     caller usually loads the best weights with :func:`load_best`.
     """
+    if start_score is not None and (validate is None or not config.validate_at_start):
+        raise ValueError("start_score is the first point of the validation curve: it needs validate and "
+                         "config.validate_at_start=True")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None
     generator = torch.Generator().manual_seed(config.seed)
