@@ -224,15 +224,17 @@ def plot(base: dict, runs: Sequence[dict], path: Path) -> str | None:
     left.set_xlabel("update time (s, validation excluded)")
     left.set_ylabel("validation BLEU")
     colours = dict(zip(ALL_METHODS, ("tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple")))
-    for record in runs:
-        history = record["history"]
+    labelled = set()
+    for record in runs:   # one line per seed, one legend entry per method
+        history, method = record["history"], record["method"]
         right.plot([h["train_seconds"] for h in history], [h["score"] for h in history], marker="o",
-                   markersize=3, color=colours[record["method"]], alpha=0.8,
-                   label=f"{method_label(record['method'], runs)} (seed {record['seed']})")
+                   markersize=3, color=colours[method], alpha=0.8,
+                   label=None if method in labelled else method_label(method, runs))
+        labelled.add(method)
     right.axhline(base["best_val_bleu"], color="black", linestyle=":", label="base model")
-    right.set_title("fine-tuning from the base")
+    right.set_title("fine-tuning from the base (one line per seed)")
     right.set_xlabel("fine-tuning update time (s, validation excluded)")
-    right.legend(fontsize=6, ncol=2)
+    right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
