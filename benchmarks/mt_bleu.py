@@ -1,15 +1,24 @@
 """Multi30k De->En: does MLE-guided parameter search raise BLEU over an MLE model, and over plain MLE
-given the same fine-tuning time? MRT and PG are the output-space baselines.
+given the same fine-tuning time and learning rate? MRT and PG are the output-space baselines.
 
-    python -m benchmarks.mt_bleu [--quick] [--data-dir ../shared/data] [--seeds 0 1]
+    python -m benchmarks.mt_bleu [--quick | --standard] [--data-dir ../shared/data] [--seeds 0 1 2]
 
 1. Train (or reuse from the cache, outside the repository) a BART-style MLE base model from scratch with a
-   joint BPE tokenizer trained on the training split.
+   joint BPE tokenizer trained on the training split. ``--standard`` trains it until validation BLEU
+   plateaus (:class:`training.plateau.PlateauRule`; inverse-square-root learning-rate decay; bfloat16
+   autocast), capped by ``--base-seconds``.
 2. Fine-tune copies of it with MGS, MRT, PG and - the fair control - plain MLE, each for the same update
-   time (validation excluded), over several seeds; validation BLEU (greedy) is recorded along the way and
-   the best checkpoint on validation is kept.
-3. Score base and fine-tuned models on test_2016_flickr with greedy and beam-4 decoding: sacrebleu corpus
+   time (validation excluded) and learning rate, over several seeds; ``mle-base-lr`` continues MLE at the
+   base's own learning rate instead, so a change of rate is not credited to a method. Validation BLEU is
+   recorded along the way and the best checkpoint on validation is kept.
+3. Score base and fine-tuned models on the test sets with greedy and beam-4 decoding: sacrebleu corpus
    BLEU (with its signature), chrF, length ratio, non-termination rate, seconds per update.
+
+Tiers: ``--quick`` (about an hour: 1,500 s base, 150 s fine-tuning, 2 seeds, greedy selection on 300
+validation pairs, test_2016_flickr); ``--standard`` (at most 3 hours with one thread on a shared 2-core
+CPU: base to a plateau or 2,700 s of update time, 150 s fine-tuning of 5 methods x 3 seeds, selection with
+beam 4 on all 1,014 validation pairs, four test sets, non-termination at 3x the source length); no flag: a
+4-hour base.
 
 Writes ``<out>/<name>.md``, ``<out>/<name>.json`` and ``<out>/<name>_val_bleu.png`` (if matplotlib is
 installed). Every stage caches its outcome under ``$CONSISTENT_DECODING_CACHE/mt_bleu`` (default
@@ -23,10 +32,10 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,56 +45,80 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import atomic_save
+from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
+from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
 from training.data import ParallelText, encode_parallel, read_parallel
-from training.evaluate import score_translations, translate
+from training.evaluate import Translations, score_translations, translate
 from training.loop import LoopConfig, load_best, train
 from training.mgs import MGSConfig, MGSStep
 from training.models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from training.plateau import PlateauRule
 from training.steps import MLEStep, MRTStep, PGStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("mle", "mgs", "mrt", "pg")
+TEST_SETS = ("test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2018_flickr")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that decides the numbers (hashed into the cache key)."""
+    """Everything that decides the numbers (hashed into the cache key).
+
+    Decoding for validation and test: ``val_beams`` beams for checkpoint selection; a row's length cap is
+    ``min(120, ceil(length_factor * source tokens) + length_slack)``, per row with ``per_row_cap`` (else
+    per batch, from its longest source); a row without eos within it is non-terminated.
+    """
 
     train_pairs: int | None = None
     val_pairs: int | None = None          # validation subset used for model selection and curves
-    test_pairs: int | None = None
+    test_pairs: int | None = None         # per test set
+    test_sets: tuple[str, ...] = ("test_2016_flickr",)   # the first is the primary one
     vocab_size: int = 8000
     size: Seq2SeqSize = Seq2SeqSize()
+    val_beams: int = 1
+    length_factor: float = 1.5
+    length_slack: int = 10
+    per_row_cap: bool = False
     base_seconds: float = 4 * 3600.0
     base_epochs: int = 30
     base_batch: int = 64
     base_lr: float = 1e-3
     base_warmup: int = 400
     base_validate_every: int = 500
+    base_plateau: PlateauRule | None = None
+    base_bf16: bool = False
     label_smoothing: float = 0.1
     finetune_seconds: float = 600.0
     finetune_batch: int = 32
     finetune_lr: float = 1e-4
     finetune_validate_seconds: float = 60.0
+    finetune_bf16: bool = False
     mgs: MGSConfig = MGSConfig()
     base_seed: int = 0
 
 
 QUICK = Settings(vocab_size=6000, val_pairs=300, base_seconds=1500.0, base_epochs=10, base_warmup=300,
                  base_validate_every=400, finetune_seconds=150.0, finetune_validate_seconds=50.0)
+STANDARD = Settings(test_sets=TEST_SETS, val_beams=4, length_factor=3.0, length_slack=0, per_row_cap=True,
+                    base_seconds=2700.0, base_epochs=40, base_validate_every=400,
+                    base_plateau=PlateauRule(window_share=0.2, min_gain=0.3, min_validations=5), base_bf16=True,
+                    finetune_seconds=150.0, finetune_validate_seconds=75.0)
+TIERS = {"full": (Settings(), (0, 1), METHODS), "quick": (QUICK, (0, 1), METHODS),
+         "standard": (STANDARD, (0, 1, 2), ALL_METHODS)}
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = QUICK if args.quick else Settings()
+    """The tier's settings with the command line's overrides."""
+    settings = TIERS[tier_name(args)][0]
     overrides = {name: getattr(args, name) for name in
                  ("train_pairs", "val_pairs", "test_pairs", "base_seconds", "finetune_seconds",
-                  "finetune_validate_seconds", "vocab_size")
+                  "finetune_validate_seconds", "finetune_batch", "finetune_lr", "vocab_size", "length_factor")
                  if getattr(args, name) is not None}
     if args.tiny:
         overrides["size"] = Seq2SeqSize(d_model=32, layers=1, heads=2, ffn_dim=64)
+    if args.bf16 is not None:
+        overrides["base_bf16"], overrides["finetune_bf16"] = args.bf16 in ("base", "all"), args.bf16 == "all"
     mgs = {field: getattr(args, f"mgs_{field}") for field in ("num_candidates", "sigma", "alpha", "mle_share",
                                                               "importance")
            if getattr(args, f"mgs_{field}") is not None}
@@ -93,16 +126,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return replace(settings, **overrides)
 
 
-BASE_FIELDS = ("train_pairs", "val_pairs", "vocab_size", "size", "base_seconds", "base_epochs", "base_batch",
-               "base_lr", "base_warmup", "base_validate_every", "label_smoothing", "base_seed")
+def tier_name(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "standard" if args.standard else "full"
 
 
-def cache_key(settings: Settings, *, base_only: bool = False) -> str:
-    """Hash of the settings (of those that shape the base model only, with ``base_only``)."""
-    fields = asdict(settings)
-    if base_only:
-        fields = {name: fields[name] for name in BASE_FIELDS}
-    text = json.dumps(fields, sort_keys=True, default=str)
+BASE_FIELDS = ("train_pairs", "val_pairs", "vocab_size", "size", "val_beams", "length_factor", "length_slack",
+               "per_row_cap", "base_seconds", "base_epochs", "base_batch", "base_lr", "base_warmup",
+               "base_validate_every", "base_plateau", "base_bf16", "label_smoothing", "base_seed")
+TEST_FIELDS = ("test_pairs", "test_sets", "length_factor", "length_slack", "per_row_cap")
+
+
+def cache_key(settings: Settings, *, fields: tuple[str, ...] | None = None) -> str:
+    """Hash of the settings (of ``fields`` only, when given)."""
+    values = asdict(settings)
+    if fields is not None:
+        values = {name: values[name] for name in fields}
+    text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -115,19 +154,20 @@ def write_json(path: Path, payload: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def data_folder(data_dir: str | None) -> Path:
+def data_folder(data_dir: str | None, settings: Settings) -> Path:
     """The multi30k folder: ``--data-dir``, else benchmarks.data's rules (env var, cache), else
     ``../shared/data`` beside the repository."""
     from benchmarks.data import MULTI30K_SHA256, MULTI30K_SOURCES, DATA_ENV, locate_dataset
 
-    files = ["train.de", "train.en", "val.de", "val.en", "test_2016_flickr.de", "test_2016_flickr.en"]
+    files = [f"{split}.{side}" for split in ("train", "val", *settings.test_sets) for side in ("de", "en")]
     if data_dir is None and not os.environ.get(DATA_ENV) and (REPO.parent / "shared/data/multi30k").is_dir():
         data_dir = str(REPO.parent / "shared/data")
     return locate_dataset("multi30k", files, MULTI30K_SHA256, data_dir=data_dir, sources=MULTI30K_SOURCES)
 
 
 def load_splits(folder: Path, settings: Settings) -> dict[str, ParallelText]:
-    limits = {"train": settings.train_pairs, "val": settings.val_pairs, "test_2016_flickr": settings.test_pairs}
+    limits = {"train": settings.train_pairs, "val": settings.val_pairs,
+              **{test_set: settings.test_pairs for test_set in settings.test_sets}}
     splits = {}
     for split, limit in limits.items():
         text = read_parallel(folder / f"{split}.de", folder / f"{split}.en")
@@ -135,76 +175,107 @@ def load_splits(folder: Path, settings: Settings) -> dict[str, ParallelText]:
     return splits
 
 
-# ------------------------------------------------------------------------------------------ base model
+# ------------------------------------------------------------------------------------------- decoding
 
-def inverse_sqrt(warmup: int):
-    return lambda update: min((update + 1) / warmup, (warmup / (update + 1)) ** 0.5)
+def translate_with(model: torch.nn.Module, tokenizer, sources: tuple[str, ...], settings: Settings, *,
+                   num_beams: int, progress: bool = False) -> Translations:
+    """Translations with the settings' length rule."""
+    return translate(model, tokenizer, sources, num_beams=num_beams, length_factor=settings.length_factor,
+                     length_slack=settings.length_slack, per_row_cap=settings.per_row_cap, progress=progress)
 
 
-def val_bleu_fn(tokenizer, val: ParallelText):
+def val_bleu_fn(tokenizer, val: ParallelText, settings: Settings):
     def validate(model: torch.nn.Module) -> float:
-        return score_translations(translate(model, tokenizer, val.sources), val.targets).bleu
+        translations = translate_with(model, tokenizer, val.sources, settings, num_beams=settings.val_beams)
+        return score_translations(translations, val.targets).bleu
     return validate
 
 
+def evaluate_test(model: torch.nn.Module, tokenizer, splits: dict[str, ParallelText], settings: Settings, *,
+                  progress: bool) -> dict[str, dict]:
+    """``{test set: {"greedy": scores, "beam4": scores}}`` for every test set of the settings."""
+    scores = {}
+    for test_set in settings.test_sets:
+        test = splits[test_set]
+        scores[test_set] = {}
+        for name, beams in (("greedy", 1), ("beam4", 4)):
+            started = time.perf_counter()
+            translations = translate_with(model, tokenizer, test.sources, settings, num_beams=beams,
+                                          progress=progress)
+            scores[test_set][name] = {**score_translations(translations, test.targets).as_dict(),
+                                      "decode_seconds": time.perf_counter() - started}
+    return scores
+
+
+# ------------------------------------------------------------------------------------------ base model
+
+def inverse_sqrt(warmup: int):
+    """Learning-rate factor: linear warm-up over ``warmup`` updates, then decay as 1 / sqrt(update)."""
+    return lambda update: min((update + 1) / warmup, (warmup / (update + 1)) ** 0.5)
+
+
+def base_tokenizer(folder: Path, train_text: ParallelText, settings: Settings):
+    if folder.is_dir():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = train_tokenizer(list(train_text.sources) + list(train_text.targets),
+                                vocab_size=settings.vocab_size)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool) -> dict:
-    """Train the MLE base model into ``root/base/model`` (reused when it is already there)."""
+    """Train the MLE base model into ``root/base/model`` (reused when it is already there).
+
+    Stops at the first of: the plateau rule (if the settings have one), ``base_seconds`` of update time,
+    ``base_epochs``; without a plateau rule, also after 4 validations without improvement. The best
+    checkpoint on validation is kept. ``continue_lr`` in the returned record is the learning rate the
+    schedule would give the update after the best one (what continuing the base's training would use).
+    """
     base = root / "base"
     info_path = base / "info.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    tokenizer_dir = base / "tokenizer"
-    if tokenizer_dir.is_dir():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        train_text = splits["train"]
-        tokenizer = train_tokenizer(list(train_text.sources) + list(train_text.targets),
-                                    vocab_size=settings.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
+    tokenizer = base_tokenizer(base / "tokenizer", splits["train"], settings)
+    torch.manual_seed(settings.base_seed)   # dropout draws from the global generator (restored on resume)
     model = build_seq2seq(tokenizer, settings.size, seed=settings.base_seed)
     data = encode_parallel(splits["train"], tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(settings.base_warmup))
+    schedule = inverse_sqrt(settings.base_warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     config = LoopConfig(batch_size=settings.base_batch, max_seconds=settings.base_seconds,
                         max_epochs=settings.base_epochs, validate_every=settings.base_validate_every,
-                        patience=4, checkpoint_every=100, seed=settings.base_seed, progress=progress)
+                        patience=None if settings.base_plateau is not None else 4, checkpoint_every=100,
+                        seed=settings.base_seed, progress=progress,
+                        autocast_dtype=torch.bfloat16 if settings.base_bf16 else None)
     task = Seq2SeqTask(tokenizer, label_smoothing=settings.label_smoothing)
     result = train(model, MLEStep(task), data, optimizer, config=config, scheduler=scheduler,
-                   validate=val_bleu_fn(tokenizer, splits["val"]), checkpoint_dir=base / "checkpoint")
+                   validate=val_bleu_fn(tokenizer, splits["val"], settings), checkpoint_dir=base / "checkpoint",
+                   stop_rule=settings.base_plateau)
     load_best(model, base / "checkpoint")
     staging = base / "model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_seq2seq(model, tokenizer, staging)
     shutil.rmtree(base / "model", ignore_errors=True)
     os.replace(staging, base / "model")
+    rule = settings.base_plateau
     info = {"updates": result.updates, "epochs": result.epoch, "train_seconds": result.train_seconds,
             "best_val_bleu": result.best_score, "best_update": result.best_update,
             "stop_reason": result.stop_reason, "history": result.history,
+            "continue_lr": settings.base_lr * schedule(result.best_update or 0),
+            "plateau_rule": asdict(rule) if rule is not None else None,
+            "plateau_gain": rule.gain(result.history) if rule is not None else None,
             "parameters": sum(p.numel() for p in model.parameters())}
     write_json(info_path, info)
     return info
 
 
-# ----------------------------------------------------------------------------------------- evaluation
-
-def evaluate_test(model: torch.nn.Module, tokenizer, test: ParallelText, *, progress: bool) -> dict:
-    """Test scores with greedy and beam-4 decoding."""
-    scores = {}
-    for name, beams in (("greedy", 1), ("beam4", 4)):
-        started = time.perf_counter()
-        translations = translate(model, tokenizer, test.sources, num_beams=beams, progress=progress)
-        scores[name] = {**score_translations(translations, test.targets).as_dict(),
-                        "decode_seconds": time.perf_counter() - started}
-    return scores
-
-
-def evaluate_base(root: Path, splits: dict[str, ParallelText], *, progress: bool) -> dict:
-    path = root / "base" / "test.json"
+def evaluate_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool) -> dict:
+    path = root / "base" / f"test-{cache_key(settings, fields=TEST_FIELDS)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     model, tokenizer = load_seq2seq(root / "base" / "model")
-    scores = evaluate_test(model, tokenizer, splits["test_2016_flickr"], progress=progress)
+    scores = evaluate_test(model, tokenizer, splits, settings, progress=progress)
     write_json(path, scores)
     return scores
 
@@ -212,7 +283,7 @@ def evaluate_base(root: Path, splits: dict[str, ParallelText], *, progress: bool
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 def make_step(method: str, task: Seq2SeqTask, settings: Settings):
-    if method == "mle":
+    if method in ("mle", RATE_CONTROL):
         return MLEStep(task)
     if method == "mgs":
         return MGSStep(task, settings.mgs)
@@ -220,13 +291,17 @@ def make_step(method: str, task: Seq2SeqTask, settings: Settings):
         return MRTStep(task)
     if method == "pg":
         return PGStep(task)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
 
 
-def finetune(root: Path, method: str, seed: int, splits: dict[str, ParallelText], settings: Settings, *,
-             progress: bool) -> dict:
+def finetune(root: Path, base: dict, method: str, seed: int, splits: dict[str, ParallelText],
+             settings: Settings, *, progress: bool) -> dict:
     """One fine-tuning run from the base model; cached in
-    ``root/finetune-<settings hash>/<method>-seed<seed>/result.json``."""
+    ``root/finetune-<settings hash>/<method>-seed<seed>/result.json``.
+
+    Every method runs at ``finetune_lr`` except :data:`RATE_CONTROL`, which runs at the base's
+    ``continue_lr``. The run's curve starts with the base's validation score (not measured again).
+    """
     run_dir = root / f"finetune-{cache_key(settings)}" / f"{method}-seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
@@ -235,137 +310,80 @@ def finetune(root: Path, method: str, seed: int, splits: dict[str, ParallelText]
     model, tokenizer = load_seq2seq(root / "base" / "model")
     task = Seq2SeqTask(tokenizer, cost="bleu", label_smoothing=settings.label_smoothing)
     step = make_step(method, task, settings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, betas=(0.9, 0.98),
-                                  weight_decay=0.01)
+    lr = base["continue_lr"] if method == RATE_CONTROL else settings.finetune_lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     config = LoopConfig(batch_size=settings.finetune_batch, max_seconds=settings.finetune_seconds,
                         validate_every_seconds=settings.finetune_validate_seconds, validate_at_start=True,
-                        checkpoint_every=10, seed=1000 + seed, progress=progress)
+                        checkpoint_every=25, seed=1000 + seed, progress=progress,
+                        autocast_dtype=torch.bfloat16 if settings.finetune_bf16 else None,
+                        keep_step_logs=method == "mgs")
     result = train(model, step, encode_parallel(splits["train"], tokenizer), optimizer, config=config,
-                   validate=val_bleu_fn(tokenizer, splits["val"]), checkpoint_dir=run_dir / "checkpoint")
+                   validate=val_bleu_fn(tokenizer, splits["val"], settings), checkpoint_dir=run_dir / "checkpoint",
+                   start_score=base["best_val_bleu"])
     load_best(model, run_dir / "checkpoint")
+    test_sets = evaluate_test(model, tokenizer, splits, settings, progress=progress)
     record = {
-        "method": method, "seed": seed, "updates": result.updates, "train_seconds": result.train_seconds,
-        "seconds_per_update": result.train_seconds / max(result.updates, 1),
+        "method": method, "seed": seed, "lr": lr, "batch_size": settings.finetune_batch,
+        "budget_seconds": settings.finetune_seconds, "base": root.name, "updates": result.updates,
+        "train_seconds": result.train_seconds, "seconds_per_update": result.train_seconds / max(result.updates, 1),
         "best_val_bleu": result.best_score, "best_update": result.best_update, "history": result.history,
-        "test": evaluate_test(model, tokenizer, splits["test_2016_flickr"], progress=progress),
+        "step_logs": result.step_logs, "test": test_sets[settings.test_sets[0]], "test_sets": test_sets,
     }
     write_json(result_path, record)
     return record
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-COLUMNS = (("BLEU greedy", ("test", "greedy", "bleu")), ("BLEU beam4", ("test", "beam4", "bleu")),
-           ("chrF greedy", ("test", "greedy", "chrf")), ("chrF beam4", ("test", "beam4", "chrf")),
-           ("len ratio greedy", ("test", "greedy", "length_ratio")),
-           ("non-term greedy", ("test", "greedy", "nontermination")),
-           ("non-term beam4", ("test", "beam4", "nontermination")),
-           ("best val BLEU", ("best_val_bleu",)), ("s / update", ("seconds_per_update",)),
-           ("updates", ("updates",)), ("fine-tune s", ("train_seconds",)))
-
-
-def _get(record: dict, path: tuple[str, ...]) -> float | None:
-    for key in path:
-        if not isinstance(record, dict) or key not in record:
-            return None
-        record = record[key]
-    return record
-
-
-def _cell(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    text = f"{mean:.3g}" if abs(mean) < 10 else f"{mean:.1f}" if abs(mean) < 100 else f"{mean:.0f}"
-    if len(values) > 1:
-        sd = statistics.stdev(values)
-        text += f" ± {sd:.2g}" if abs(sd) < 10 else f" ± {sd:.0f}"
-    return text
-
-
-def summarise(base: dict, base_test: dict, runs: list[dict]) -> list[dict]:
-    base_row = {"method": "base (MLE)", "seeds": 1, "test": base_test, "best_val_bleu": base["best_val_bleu"],
-                "updates": base["updates"], "train_seconds": base["train_seconds"],
-                "seconds_per_update": base["train_seconds"] / max(base["updates"], 1)}
-    rows = [{"method": "base (MLE)", "seeds": 1,
-             **{title: _cell([_get(base_row, path)]) for title, path in COLUMNS}}]
-    for method in METHODS:
-        records = [r for r in runs if r["method"] == method]
-        if records:
-            rows.append({"method": method, "seeds": len(records),
-                         **{title: _cell([_get(r, path) for r in records]) for title, path in COLUMNS}})
-    return rows
-
-
-def markdown(rows: list[dict], meta: dict) -> str:
-    titles = ["method", "seeds"] + [title for title, _ in COLUMNS]
-    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    lines += ["| " + " | ".join(str(row[t]) for t in titles) + " |" for row in rows]
-    notes = [f"# Multi30k De->En: MGS vs MRT vs PG vs MLE continuation", "",
-             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
-             f"Date: {meta['date']}  ", f"BLEU signature: `{meta['bleu_signature']}`  ",
-             f"chrF signature: `{meta['chrf_signature']}`", "",
-             "Test set: test_2016_flickr. Fine-tuned rows: mean ± sd over seeds; every method gets the same "
-             "update time (validation excluded); the checkpoint with the best validation BLEU (greedy) is "
-             "scored. `non-term`: share of outputs without eos within the length cap. `s / update`: update "
-             "wall time, on a shared CPU, so ratios are more telling than absolute values.", ""]
-    return "\n".join(notes + lines + ["", *meta["notes"]]) + "\n"
-
-
-def plot(runs: list[dict], base: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (optional `bench` extra): the validation-BLEU plot was skipped."
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    colours = dict(zip(METHODS, ("tab:gray", "tab:red", "tab:blue", "tab:green")))
-    for record in runs:
-        history = record["history"]
-        axes.plot([h["train_seconds"] for h in history], [h["score"] for h in history], marker="o",
-                  markersize=3, color=colours[record["method"]], alpha=0.8,
-                  label=f"{record['method']} (seed {record['seed']})")
-    axes.axhline(base["best_val_bleu"], color="black", linestyle=":", label="base model")
-    axes.set_xlabel("fine-tuning time (s, validation excluded)")
-    axes.set_ylabel("validation BLEU (greedy)")
-    axes.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ main
+
+def _positive(kind):
+    def convert(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return convert
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mt_bleu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about an hour on a 2-core CPU")
+    tier = parser.add_mutually_exclusive_group()
+    tier.add_argument("--quick", action="store_true", help="about an hour on a 2-core CPU")
+    tier.add_argument("--standard", action="store_true", help="at most 3 hours on a 2-core CPU: a plateaued "
+                      "base, 5 methods x 3 seeds, beam-4 selection on the full validation set, 4 test sets")
     parser.add_argument("--data-dir", default=None, help="directory containing multi30k/ (default: "
                         "$CONSISTENT_DECODING_DATA, else ../shared/data beside the repository, else the cache)")
     parser.add_argument("--cache-dir", default=None, help="where models and runs are cached (default "
                         "$CONSISTENT_DECODING_CACHE/mt_bleu or ~/.cache/consistent-decoding/mt_bleu)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--name", default="mt_bleu", help="output file stem")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default=None, help="output file stem (default mt_bleu, or mt_bleu-standard)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--standard: 0 1 2)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
+                        help=f"default {' '.join(METHODS)} (--standard: also {RATE_CONTROL}, MLE at the base's "
+                        "own learning rate)")
+    parser.add_argument("--threads", type=_positive(int), default=1)
     parser.add_argument("--tiny", action="store_true", help="a tiny model (for tests)")
     parser.add_argument("--no-progress", action="store_true")
     for name, kind in (("train-pairs", int), ("val-pairs", int), ("test-pairs", int), ("vocab-size", int),
-                       ("base-seconds", float), ("finetune-seconds", float),
-                       ("finetune-validate-seconds", float)):
-        parser.add_argument(f"--{name}", type=kind, default=None)
-    parser.add_argument("--mgs-num-candidates", type=int, default=None, help="K (default 4)")
-    parser.add_argument("--mgs-sigma", type=float, default=None, help="noise scale (default 1.0)")
-    parser.add_argument("--mgs-alpha", type=float, default=None, help="inverse temperature (default 100)")
+                       ("base-seconds", float), ("finetune-seconds", float), ("finetune-validate-seconds", float),
+                       ("finetune-batch", int), ("finetune-lr", float), ("length-factor", float)):
+        parser.add_argument(f"--{name}", type=_positive(kind), default=None,
+                            help="length cap per row: L = ceil(this x source tokens) with --standard (default 3); "
+                            "otherwise per batch, ceil(this x longest source) + 10 (default 1.5)"
+                            if name == "length-factor" else None)
+    parser.add_argument("--bf16", choices=("off", "base", "all"), default=None,
+                        help="bfloat16 autocast for the updates of the base only, or of every run (evaluation "
+                        "always in float32; default: base with --standard, else off)")
+    parser.add_argument("--mgs-num-candidates", type=_positive(int), default=None, help="K (default 4)")
+    parser.add_argument("--mgs-sigma", type=_positive(float), default=None, help="noise scale (default 1.0)")
+    parser.add_argument("--mgs-alpha", type=_positive(float), default=None, help="inverse temperature (default 100)")
     parser.add_argument("--mgs-mle-share", type=float, default=None,
-                        help="pi: share of MLE-centred candidates (default 0.5; 1 = MLE-only, 0 = zero-only)")
+                        help="pi in [0, 1]: share of MLE-centred candidates (default 0.5; 1 = MLE-only, 0 = zero-only)")
     parser.add_argument("--mgs-importance", choices=("reference", "exact"), default=None)
     args = parser.parse_args(argv)
-    if len(args.seeds) < 1 or args.threads < 1:
-        parser.error("need at least one seed and one thread")
+    if args.seeds is not None and len(args.seeds) < 1:
+        parser.error("--seeds: need at least one seed")
+    if args.mgs_mle_share is not None and not 0.0 <= args.mgs_mle_share <= 1.0:
+        parser.error(f"--mgs-mle-share must be in [0, 1], got {args.mgs_mle_share}")
     return args
 
 
@@ -375,10 +393,21 @@ def cache_root(args: argparse.Namespace, settings: Settings) -> Path:
     else:
         base = Path(os.environ.get("CONSISTENT_DECODING_CACHE") or Path.home() / ".cache/consistent-decoding")
         base = base / "mt_bleu"
-    return base.expanduser() / cache_key(settings, base_only=True)
+    return base.expanduser() / cache_key(settings, fields=BASE_FIELDS)
 
 
-def metadata(argv: list[str] | None, settings: Settings, root: Path, notes: list[str]) -> dict:
+def describe_decoding(settings: Settings, val_pairs: int) -> tuple[str, str]:
+    """(How checkpoints are selected, what the length cap is) in words, for the report."""
+    decoder = "greedy" if settings.val_beams == 1 else f"beam {settings.val_beams}"
+    selection = f"{decoder}, {val_pairs:,} validation pairs"
+    cap = f"ceil({settings.length_factor:g} × source tokens)" + (
+        f" + {settings.length_slack}" if settings.length_slack else "")
+    scope = "each row's own" if settings.per_row_cap else "the batch's longest source's"
+    return selection, f"L = {cap}, at most 120 tokens ({scope})"
+
+
+def metadata(argv: list[str] | None, settings: Settings, root: Path, splits: dict[str, ParallelText],
+             notes: list[str]) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -389,12 +418,13 @@ def metadata(argv: list[str] | None, settings: Settings, root: Path, notes: list
     bleu.corpus_score(["a"], [["a"]])
     chrf.corpus_score(["a"], [["a"]])
     arguments = sys.argv[1:] if argv is None else argv
+    selection, length_rule = describe_decoding(settings, len(splits["val"]))
     return {
         "command": " ".join(["python -m benchmarks.mt_bleu", *arguments]), "commit": commit,
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores (shared), "
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": asdict(settings), "cache": str(root),
+        "settings": asdict(settings), "cache": str(root), "selection": selection, "length_rule": length_rule,
         "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature()),
         "notes": notes,
     }
@@ -404,56 +434,43 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
+    _, tier_seeds, tier_methods = TIERS[tier_name(args)]
+    seeds = args.seeds if args.seeds is not None else list(tier_seeds)
+    methods = args.methods if args.methods is not None else list(tier_methods)
+    name = args.name or ("mt_bleu-standard" if args.standard else "mt_bleu")
     root = cache_root(args, settings)
     progress = not args.no_progress
-    splits = load_splits(data_folder(args.data_dir), settings)
-    print(f"[mt_bleu] cache {root}; train {len(splits['train'])} pairs, val {len(splits['val'])}, "
-          f"test {len(splits['test_2016_flickr'])}", flush=True)
+    splits = load_splits(data_folder(args.data_dir, settings), settings)
+    primary = settings.test_sets[0]
+    print(f"[mt_bleu] cache {root}; train {len(splits['train'])} pairs, val {len(splits['val'])}, test "
+          + ", ".join(f"{s} {len(splits[s])}" for s in settings.test_sets), flush=True)
     base = train_base(root, splits, settings, progress=progress)
-    base_test = evaluate_base(root, splits, progress=progress)
-    print(f"[mt_bleu] base: val {base['best_val_bleu']:.2f}, test greedy {base_test['greedy']['bleu']:.2f}, "
-          f"beam4 {base_test['beam4']['bleu']:.2f}", flush=True)
+    base = {**base, "test_sets": evaluate_base(root, splits, settings, progress=progress)}
+    base["test"] = base["test_sets"][primary]
+    print(f"[mt_bleu] base: {base['stop_reason']} after {base['updates']} updates, val {base['best_val_bleu']:.2f}, "
+          f"{primary} greedy {base['test']['greedy']['bleu']:.2f}, beam4 {base['test']['beam4']['bleu']:.2f}",
+          flush=True)
     runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            record = finetune(root, method, seed, splits, settings, progress=progress)
-            print(f"[mt_bleu] {method} seed {seed}: {record['updates']} updates, test greedy "
+    for seed in seeds:
+        for method in methods:
+            record = finetune(root, base, method, seed, splits, settings, progress=progress)
+            print(f"[mt_bleu] {method} seed {seed}: {record['updates']} updates, {primary} greedy "
                   f"{record['test']['greedy']['bleu']:.2f}, beam4 {record['test']['beam4']['bleu']:.2f}",
                   flush=True)
             runs.append(record)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    notes = update_time_notes(runs)
-    plot_note = plot(runs, base, out / f"{args.name}_val_bleu.png")
-    notes += [plot_note] if plot_note else [f"Plot: `{args.name}_val_bleu.png` (validation BLEU against "
-                                            "fine-tuning time)."]
-    meta = metadata(argv, settings, root, notes)
-    rows = summarise(base, base_test, runs)
-    payload = {**meta, "rows": rows, "base": {**base, "test": base_test}, "runs": runs}
-    write_json(out / f"{args.name}.json", payload)
-    (out / f"{args.name}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    notes = [note for note in (base_note(base), comparison_note(runs, primary)) if note] + mgs_notes(runs)
+    plot_note = plot(base, runs, out / f"{name}_val_bleu.png")
+    notes += [plot_note] if plot_note else [f"Plot: `{name}_val_bleu.png` (validation BLEU against update "
+                                            "time: the base's training, then every fine-tuning run)."]
+    meta = metadata(argv, settings, root, splits, notes)
+    payload = {**meta, "rows": summary_rows(base, runs), "base": base, "runs": runs}
+    report = markdown(meta, base, runs, primary=primary)
+    write_json(out / f"{name}.json", payload)
+    (out / f"{name}.md").write_text(report)
+    print(report)
     return payload
-
-
-MGS_LOGS = ("cost_before", "cost_expected", "weight_mle", "cosine_mle", "ess")
-
-
-def update_time_notes(runs: list[dict]) -> list[str]:
-    per_method = {m: [r["seconds_per_update"] for r in runs if r["method"] == m] for m in METHODS}
-    notes = []
-    if per_method["mgs"] and per_method["mle"]:
-        ratio = statistics.fmean(per_method["mgs"]) / statistics.fmean(per_method["mle"])
-        notes.append(f"MGS / MLE update-time ratio: {ratio:.1f} (K + 1 batched greedy decodes plus one MLE "
-                     "forward/backward per MGS update).")
-    intervals = [h for r in runs if r["method"] == "mgs" for h in r["history"] if "ess" in h]
-    if intervals:
-        means = {key: statistics.fmean(h[key] for h in intervals) for key in MGS_LOGS}
-        notes.append("MGS diagnostics (mean over updates): cost before the update C(θ) "
-                     f"{means['cost_before']:.3f}, importance-weighted candidate cost {means['cost_expected']:.3f}, "
-                     f"weight on MLE-centred candidates {means['weight_mle']:.2f}, cosine(Δ*, g) "
-                     f"{means['cosine_mle']:.2f}, effective sample size {means['ess']:.2f} of K.")
-    return notes
 
 
 if __name__ == "__main__":

@@ -260,6 +260,41 @@ def test_translate_and_score(corpus):
         score_translations(translations, text.targets[:4])
 
 
+def test_per_row_cap_cuts_each_row_at_its_own_cap(corpus):
+    text, tokenizer, _ = corpus
+    model = build_seq2seq(tokenizer, TINY)
+    eos, filler = tokenizer.eos_token_id, 7
+
+    def wanted_length(source_row: list[int]) -> int:
+        """The scripted 'translation' of a source of n tokens (eos included) has n - 1, n or n + 1 tokens."""
+        n = len(source_row)
+        return n + source_row[0] % 3 - 1
+
+    def scripted(model, input_ids, attention_mask=None, *, max_new_tokens, pad_token_id, **options):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            length = wanted_length(ids[: sum(mask)])
+            body = ([filler] * (length - 1) + [eos])[:max_new_tokens]
+            rows.append([0] + body + [pad_token_id] * (max_new_tokens - len(body)))
+        return torch.tensor(rows)
+
+    sources = [s for s in text.sources if len(tokenizer(s, add_special_tokens=False)["input_ids"]) < 50][:40]
+    per_row = translate(model, tokenizer, sources, length_factor=1.0, length_slack=0, per_row_cap=True,
+                        batch_size=8, generate_fn=scripted)
+    per_batch = translate(model, tokenizer, sources, length_factor=1.0, length_slack=0, batch_size=8,
+                          generate_fn=scripted)
+    encoded = [tokenizer(s, add_special_tokens=False)["input_ids"] + [eos] for s in sources]
+    wanted = [wanted_length(row) for row in encoded]
+    caps = [len(row) for row in encoded]                         # 1.0 x source tokens (eos counted)
+    assert per_row.terminated == [w <= c for w, c in zip(wanted, caps)]
+    assert per_row.lengths == [min(w, c) for w, c in zip(wanted, caps)]
+    assert 0 < sum(per_row.terminated) < len(sources)            # both kinds of rows occur
+    # the per-batch cap (the batch's longest source) lets most long rows finish
+    assert sum(per_batch.terminated) > sum(per_row.terminated)
+    with pytest.raises(ValueError, match="length_factor"):
+        translate(model, tokenizer, sources, length_factor=0.0)
+
+
 def test_loop_config_needs_a_budget():
     with pytest.raises(ValueError, match="max_updates"):
         LoopConfig()

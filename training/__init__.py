@@ -25,6 +25,7 @@ from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, lo
 from .self_terminating_finetune import (EpsilonChoice, choose_epsilon, finetune_self_terminating, fit_eos_row,
                                         perplexity_tax, sampled_nontermination_bound)
 from .models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from .plateau import PlateauRule
 from .steps import MLEStep, MRTStep, PGStep, UpdateStep
 from .task import Seq2SeqTask, SequenceTask
 from .tokenizer import train_tokenizer
@@ -43,6 +44,7 @@ __all__ = [
     "EpsilonChoice", "choose_epsilon", "finetune_self_terminating", "fit_eos_row", "perplexity_tax",
     "sampled_nontermination_bound",
     "Seq2SeqSize", "build_seq2seq", "load_seq2seq", "save_seq2seq",
+    "PlateauRule",
     "MLEStep", "MRTStep", "PGStep", "UpdateStep",
     "Seq2SeqTask", "SequenceTask",
     "train_tokenizer",

@@ -11,7 +11,7 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm.auto import tqdm
 
-from .decode import GenerateFn, decode
+from .decode import GenerateFn, Hypotheses, decode
 
 __all__ = ["Translations", "translate", "TranslationScores", "score_translations"]
 
@@ -23,21 +23,29 @@ class Translations:
     lengths: list[int]
 
 
-def _max_new_tokens(source_mask: torch.LongTensor, factor: float, slack: int, cap: int) -> int:
-    return max(1, min(cap, math.ceil(factor * int(source_mask.sum(1).max())) + slack))
+def _row_caps(source_mask: torch.LongTensor, factor: float, slack: int, cap: int) -> list[int]:
+    """Each row's length cap ``min(cap, ceil(factor * source tokens) + slack)`` (eos counted)."""
+    return [max(1, min(cap, math.ceil(factor * int(n)) + slack)) for n in source_mask.sum(1).tolist()]
 
 
 def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_beams: int = 1,
               batch_size: int = 64, max_length: int = 64, length_factor: float = 1.5, length_slack: int = 10,
-              length_cap: int = 120, generate_fn: GenerateFn | None = None, progress: bool = False
-              ) -> Translations:
+              length_cap: int = 120, per_row_cap: bool = False, generate_fn: GenerateFn | None = None,
+              progress: bool = False) -> Translations:
     """Greedy (``num_beams=1``) or beam-search translations of ``sources``, in order.
 
     The length cap of a batch is ``min(length_cap, ceil(length_factor * longest source) + length_slack)``
-    generated tokens; a row that reaches it without eos counts as non-terminated.
+    generated tokens (source tokens counted with their eos); a row that reaches it without eos counts as
+    non-terminated. With ``per_row_cap`` every row gets its own cap from its own source length (e.g.
+    ``length_factor=3, length_slack=0``: "no eos within 3x the source length"): the batch still decodes to
+    its longest row's cap, and a longer output is cut at the row's cap and counts as non-terminated. For
+    greedy decoding that equals decoding each row alone with its cap; beam search ran to the batch's cap.
     """
     if len(sources) == 0:
         raise ValueError("sources: nothing to translate")
+    if not length_factor > 0 or length_slack < 0 or length_cap < 1:
+        raise ValueError(f"need length_factor > 0, length_slack >= 0 and length_cap >= 1, got {length_factor}, "
+                         f"{length_slack}, {length_cap}")
     was_training = model.training
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -55,11 +63,13 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
             for row, tokens in enumerate(encoded):
                 ids[row, : len(tokens) + 1] = torch.tensor(tokens + [tokenizer.eos_token_id])
                 mask[row, : len(tokens) + 1] = 1
-            hyps = decode(model, ids, mask, max_new_tokens=_max_new_tokens(mask, length_factor, length_slack,
-                                                                             length_cap),
+            caps = _row_caps(mask, length_factor, length_slack, length_cap)
+            hyps = decode(model, ids, mask, max_new_tokens=max(caps),
                           strategy="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           generate_fn=generate_fn)
+            if per_row_cap:
+                hyps = _cut_to_row_caps(hyps, caps, tokenizer.pad_token_id)
             decoded = tokenizer.batch_decode(hyps.tokens.tolist(), skip_special_tokens=True)
             for row, index in enumerate(chunk):
                 texts[index] = decoded[row].strip()
@@ -68,6 +78,16 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
     finally:
         model.train(was_training)
     return Translations(texts, terminated, lengths)
+
+
+def _cut_to_row_caps(hyps: Hypotheses, caps: list[int], pad_token_id: int) -> Hypotheses:
+    """Rows longer than their cap (``caps`` ``[N]``) are cut there and marked non-terminated."""
+    caps_tensor = torch.tensor(caps, dtype=torch.long)                             # [N]
+    over = hyps.lengths > caps_tensor
+    lengths = torch.where(over, caps_tensor, hyps.lengths)
+    positions = torch.arange(hyps.tokens.shape[1])[None, :]
+    tokens = hyps.tokens.masked_fill(positions >= lengths[:, None], pad_token_id)  # [N, L]
+    return Hypotheses(tokens=tokens, lengths=lengths, terminated=hyps.terminated & ~over)
 
 
 @dataclass(frozen=True)

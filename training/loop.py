@@ -3,8 +3,9 @@
 :func:`train` runs an update step (:mod:`training.steps`, :class:`training.mgs.MGSStep`) over shuffled
 epochs until a budget is spent (updates, epochs or seconds of update time), validates every so often
 (higher scores are better), keeps the best weights, stops early after ``patience`` validations without
-improvement, and writes an atomic checkpoint that a later call resumes from exactly: same batches, same
-random streams, same optimiser and step state.
+improvement or when a ``stop_rule`` (e.g. :class:`training.plateau.PlateauRule`) says the validation
+curve has plateaued, and writes an atomic checkpoint that a later call resumes from exactly: same batches,
+same random streams, same optimiser and step state.
 
 Files in ``checkpoint_dir``: ``state.pt`` (everything needed to resume) and ``best.pt`` (the best
 weights so far, by validation score).
@@ -27,6 +28,7 @@ from .steps import UpdateStep
 __all__ = ["LoopConfig", "TrainResult", "train", "load_best"]
 
 Validate = Callable[[torch.nn.Module], float]
+StopRule = Callable[[list[dict[str, float]]], bool]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class LoopConfig:
         checkpoint_every: write ``state.pt`` every this many updates (and after every validation).
         seed: batch order and the step's random generator.
         progress: show a tqdm bar.
+        autocast_dtype: run each update step under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16``); None: full precision. Validation always runs in full precision.
+        keep_step_logs: also keep every update's logs in ``TrainResult.step_logs`` (not only the means per
+            validation interval in ``history``).
     """
 
     batch_size: int = 64
@@ -57,6 +63,8 @@ class LoopConfig:
     checkpoint_every: int = 200
     seed: int = 0
     progress: bool = True
+    autocast_dtype: torch.dtype | None = None
+    keep_step_logs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_updates is None and self.max_epochs is None and self.max_seconds is None:
@@ -64,13 +72,17 @@ class LoopConfig:
         if self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError(f"batch_size and checkpoint_every must be >= 1, got {self.batch_size}, "
                              f"{self.checkpoint_every}")
+        if self.autocast_dtype is not None and self.autocast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got "
+                             f"{self.autocast_dtype}")
 
 
 @dataclass
 class TrainResult:
     """Where training ended. ``history`` has one dict per validation (update, epoch, train_seconds,
     train_cpu_seconds, score, and the mean step logs since the previous validation). ``train_seconds`` is
-    wall time of the updates; ``train_cpu_seconds`` their process CPU time (steadier on a shared machine)."""
+    wall time of the updates; ``train_cpu_seconds`` their process CPU time (steadier on a shared machine).
+    ``step_logs`` has one dict per update (``update`` and the step's logs) when ``keep_step_logs``."""
 
     updates: int = 0
     epoch: int = 0
@@ -82,6 +94,7 @@ class TrainResult:
     bad_validations: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str | None = None
+    step_logs: list[dict[str, float]] = field(default_factory=list)
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step, generator, result: TrainResult) -> None:
@@ -141,8 +154,9 @@ class _Validator:
         return bool((every and result.updates % every == 0)
                     or (seconds and result.train_seconds - self.last_seconds >= seconds))
 
-    def run(self, result: TrainResult) -> None:
-        score = float(self.validate(self.model))
+    def run(self, result: TrainResult, *, known_score: float | None = None) -> None:
+        """Validate (or take ``known_score``, the score of the current weights measured elsewhere)."""
+        score = float(self.validate(self.model)) if known_score is None else float(known_score)
         self.last_seconds = result.train_seconds
         keys = sorted({k for logs in self.logs for k in logs})
         means = {k: sum(l[k] for l in self.logs if k in l) / sum(k in l for l in self.logs) for k in keys}
@@ -161,13 +175,22 @@ class _Validator:
 
 def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optimizer: torch.optim.Optimizer,
           *, config: LoopConfig, scheduler: Any | None = None, validate: Validate | None = None,
-          checkpoint_dir: str | Path | None = None) -> TrainResult:
+          checkpoint_dir: str | Path | None = None, stop_rule: StopRule | None = None,
+          start_score: float | None = None) -> TrainResult:
     """Train ``model`` with ``step`` on ``data`` until a budget in ``config`` is spent.
+
+    ``stop_rule(history)`` is asked after every validation; True stops the run (reason ``"plateau"``).
+    ``start_score``: the validation score of the starting weights when the caller already knows it (e.g.
+    the base model every fine-tuning run starts from); with ``validate_at_start`` it is recorded instead
+    of validating again.
 
     If ``checkpoint_dir/state.pt`` exists the run resumes from it (its architecture is checked first);
     a run that already finished returns its stored result at once. After a run stopped by patience the
     caller usually loads the best weights with :func:`load_best`.
     """
+    if start_score is not None and (validate is None or not config.validate_at_start):
+        raise ValueError("start_score is the first point of the validation curve: it needs validate and "
+                         "config.validate_at_start=True")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None
     generator = torch.Generator().manual_seed(config.seed)
@@ -181,12 +204,12 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
     save = None if state_path is None else (
         lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result))
     if config.validate_at_start and validate is not None and result.updates == 0 and not result.history:
-        validator.run(result)
+        validator.run(result, known_score=start_score)
     bar = tqdm(total=config.max_updates, initial=result.updates, disable=not config.progress,
                desc=type(step).__name__, dynamic_ncols=True)
     try:
         result.stop_reason = _run_epochs(model, step, data, optimizer, scheduler, config, generator, result,
-                                         validator, save, bar)
+                                         validator, save, bar, stop_rule)
     finally:
         bar.close()
     if validate is not None and (not result.history or result.history[-1]["update"] != result.updates):
@@ -196,8 +219,16 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
     return result
 
 
+def _update(model, step, batch, optimizer, config: LoopConfig, generator) -> dict[str, float]:
+    if config.autocast_dtype is None:
+        return step(model, batch, optimizer, generator=generator)
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=config.autocast_dtype):
+        return step(model, batch, optimizer, generator=generator)
+
+
 def _run_epochs(model, step, data, optimizer, scheduler, config, generator, result, validator, save,
-                bar) -> str:
+                bar, stop_rule) -> str:
     while True:
         reason = _budget_spent(config, result)
         if reason is not None:
@@ -206,7 +237,7 @@ def _run_epochs(model, step, data, optimizer, scheduler, config, generator, resu
         while result.batch_index < len(batches):
             batch = make_batch(data, batches[result.batch_index])
             started, started_cpu = time.perf_counter(), time.process_time()
-            logs = step(model, batch, optimizer, generator=generator)
+            logs = _update(model, step, batch, optimizer, config, generator)
             if scheduler is not None:
                 scheduler.step()
             result.train_seconds += time.perf_counter() - started
@@ -214,6 +245,8 @@ def _run_epochs(model, step, data, optimizer, scheduler, config, generator, resu
             result.updates += 1
             result.batch_index += 1
             validator.logs.append(logs)
+            if config.keep_step_logs:
+                result.step_logs.append({"update": result.updates, **logs})
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
             validated = validator.due(result)
@@ -221,6 +254,8 @@ def _run_epochs(model, step, data, optimizer, scheduler, config, generator, resu
                 validator.run(result)
                 if config.patience is not None and result.bad_validations >= config.patience:
                     return "patience"
+                if stop_rule is not None and stop_rule(result.history):
+                    return "plateau"
             if save is not None and (validated or result.updates % config.checkpoint_every == 0):
                 save()
             reason = _budget_spent(config, result)
