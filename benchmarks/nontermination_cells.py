@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,9 @@ class CellResult:
         seq_rep_4: mean seq-rep-4 of the continuations (eos excluded), per set.
         lengths: every row's generated length, set after set (for the length plot).
         seconds: wall time of the decode.
-        distinct: share of distinct continuations among the prompts, per set (low: the model ignores its
-            prompt and says the same thing whatever it is given).
+        distinct: share of distinct continuations among the prompts, per set.
+        mode_share: share of the prompts whose continuation is the most common one, per set (high: the
+            model ignores its prompt and says the same thing whatever it is given).
         unk_share: share of ``<unk>`` among the generated tokens (eos excluded), per set; None when the
             vocabulary has no unknown token.
     """
@@ -118,11 +120,13 @@ class CellResult:
     seconds: float = 0.0
     distinct: list[float] = field(default_factory=list)
     unk_share: list[float] | None = None
+    mode_share: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | None]:
         """Mean and sample standard deviation (None for one set) of each metric over the sample sets."""
         out: dict[str, float | None] = {}
-        for name in ("nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "unk_share"):
+        for name in ("nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "mode_share",
+                     "unk_share"):
             values = getattr(self, name)
             if not values:  # cells cached before the metric existed, or no unknown token
                 continue
@@ -155,7 +159,8 @@ def cell_metrics(
         unk_token_id: the unknown-word token, if the vocabulary has one.
 
     Returns:
-        ``{"nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "unk_share"}``: one
+        ``{"nontermination", "mean_length", "length_ratio", "seq_rep_4", "distinct", "mode_share",
+        "unk_share"}``: one
         value per sample set (``unk_share`` None without ``unk_token_id``), and ``"lengths"``: every row's
         generated length (eos included), set after set.
     """
@@ -168,7 +173,8 @@ def cell_metrics(
             f"generated has {len(rows_all)} rows, expected {n_prompts} prompts x {sample_sets} sample sets"
         )
     out: dict[str, list | None] = {"nontermination": [], "mean_length": [], "length_ratio": [], "seq_rep_4": [],
-                                   "lengths": [], "distinct": [], "unk_share": [] if unk_token_id is not None else None}
+                                   "lengths": [], "distinct": [], "mode_share": [],
+                                   "unk_share": [] if unk_token_id is not None else None}
     for index in range(sample_sets):
         rows = rows_all[index::sample_sets]  # N rows
         flags = None if terminated is None else terminated[index::sample_sets]
@@ -183,7 +189,9 @@ def cell_metrics(
         out["length_ratio"].append(length_ratio(lengths, reference_lengths))
         without_eos = continuation_tokens(rows, eos_token_id=eos_token_id)
         out["seq_rep_4"].append(mean_seq_rep_n(without_eos, n=4))
-        out["distinct"].append(len({tuple(row) for row in with_eos}) / len(with_eos))
+        counts = Counter(tuple(row) for row in with_eos)
+        out["distinct"].append(len(counts) / len(with_eos))
+        out["mode_share"].append(counts.most_common(1)[0][1] / len(with_eos))
         if unk_token_id is not None:
             generated_tokens = sum(len(row) for row in without_eos)
             unknown = sum(row.count(unk_token_id) for row in without_eos)

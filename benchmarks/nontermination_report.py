@@ -15,11 +15,12 @@ import torch
 from benchmarks.nontermination_cells import DECODERS, CellResult
 
 __all__ = ["environment", "markdown_report", "json_report", "write_outputs", "plot_lengths", "plot_epochs",
-           "degenerate", "DISTINCT_FLOOR"]
+           "degenerate", "MODE_CEILING"]
 
-# A model whose greedy continuations are mostly the same whatever the prompt (fewer distinct continuations
-# than this share of the prompts) ignores its prompt: its r_L says little about the decoders.
-DISTINCT_FLOOR = 0.5
+# A model whose greedy continuations are mostly the same whatever the prompt (one continuation for more than
+# this share of the prompts) ignores its prompt: its r_L says little about the decoders. (The share of
+# distinct continuations is no test: many prompts legitimately end with the same short ". <eos>".)
+MODE_CEILING = 0.5
 
 
 def environment(repo: Path) -> dict[str, Any]:
@@ -74,19 +75,21 @@ def _model_rows(records: dict[str, dict]) -> list[str]:
 
 def degenerate(cell: CellResult) -> bool:
     """The model behind this (greedy) cell says mostly the same thing whatever its prompt."""
-    return bool(cell.distinct) and min(cell.distinct) < DISTINCT_FLOOR
+    return bool(cell.mode_share) and max(cell.mode_share) > MODE_CEILING
 
 
 def _prompt_use_rows(cells: Sequence[CellResult]) -> list[str]:
-    """Per model, from its greedy cell: distinct continuations, <unk> share, and the degenerate flag."""
-    rows = ["| model | distinct greedy continuations | <unk> share of greedy tokens | greedy mean length | flag |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    """Per model, from its greedy cell: the most common continuation's share, distinct continuations, the
+    <unk> share, and the degenerate flag."""
+    rows = ["| model | most common greedy continuation (share of prompts) | distinct continuations | "
+            "<unk> share of greedy tokens | greedy mean length | flag |", "|---|---|---|---|---|---|"]  # fmt: skip
     for cell in cells:
-        if cell.decoder != "greedy" or not cell.distinct:
+        if cell.decoder != "greedy" or not cell.mode_share:
             continue
         unk = "-" if not cell.unk_share else f"{cell.unk_share[0]:.3f}"
         flag = "**degenerate: ignores its prompt**" if degenerate(cell) else "ok"
-        rows.append(f"| {cell.model} | {cell.distinct[0]:.2f} | {unk} | {cell.mean_length[0]:.1f} | {flag} |")
+        rows.append(f"| {cell.model} | {cell.mode_share[0]:.2f} | {cell.distinct[0]:.2f} | {unk} | "
+                    f"{cell.mean_length[0]:.1f} | {flag} |")
     return rows
 
 
@@ -189,9 +192,9 @@ def markdown_report(
     use = _prompt_use_rows(cells)
     if len(use) > 2:
         lines += ["", "## Do the models use their prompt? (greedy)", "",
-                  f"A model with fewer distinct greedy continuations than {DISTINCT_FLOOR:.0%} of its prompts is "
-                  "flagged: it says the same thing whatever it is given, and its r_L then measures one loop, "
-                  "not a decoder.", "", *use]  # fmt: skip
+                  f"A model whose most common greedy continuation is the answer to more than {MODE_CEILING:.0%} of "
+                  "its prompts is flagged: it says the same thing whatever it is given, and its r_L then measures "
+                  "one loop, not a decoder.", "", *use]  # fmt: skip
     epochs = _epoch_rows(records)
     if epochs:
         lines += ["", "## Training: greedy r_L on validation contexts after every epoch", "", *epochs]
@@ -210,7 +213,7 @@ def json_report(
         lengths = sorted(c.lengths)
         quantiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (10, 50, 90)}
         entry = {key: value for key, value in c.__dict__.items() if key != "lengths"}
-        flag = {"degenerate": degenerate(c)} if c.decoder == "greedy" and c.distinct else {}
+        flag = {"degenerate": degenerate(c)} if c.decoder == "greedy" and c.mode_share else {}
         out_cells.append({**entry, **c.summary(), **flag, "length_quantiles": {**quantiles, "max": lengths[-1]}})
     return {"command": command, **env, "wall_seconds": wall_seconds, "notes": list(notes), "settings": settings,
             "models": records, "cells": out_cells, "papers": papers}  # fmt: skip

@@ -174,7 +174,8 @@ def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
     assert "## Training: greedy r_L on validation contexts after every epoch" in markdown
     assert "## Do the models use their prompt? (greedy)" in markdown
     greedy = [c for c in report["cells"] if c["decoder"] == "greedy"]
-    assert all(0 < c["distinct"] <= 1 and 0 <= c["unk_share"] <= 1 and "degenerate" in c for c in greedy)
+    assert all(0 < c["distinct"] <= 1 and 0 < c["mode_share"] <= 1 and 0 <= c["unk_share"] <= 1 for c in greedy)
+    assert all(c["degenerate"] == (c["mode_share"] > 0.5) for c in greedy)
 
     # a second run reuses every model and cell: training or decoding anything would fail here
     def forbidden(*args: object, **kwargs: object) -> None:

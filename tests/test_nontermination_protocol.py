@@ -15,7 +15,7 @@ import torch
 import benchmarks.nontermination_words as words_module
 from benchmarks import nontermination as nt
 from benchmarks.data import pad_context
-from benchmarks.nontermination_cells import DecoderSpec, decode_cell
+from benchmarks.nontermination_cells import CellResult, DecoderSpec, cell_metrics, decode_cell
 from benchmarks.nontermination_report import degenerate
 from benchmarks.nontermination_words import CONTEXT_LEN, CONTEXT_PAD, WordSettings, load_word_data
 from decoding import pretrained
@@ -108,6 +108,16 @@ class _Echo(_Constant):
         return logits, torch.zeros(input_ids.shape[0], dtype=torch.long), input_ids
 
 
+def test_many_prompts_ending_alike_is_not_degenerate() -> None:
+    """Most sentences end with ". <eos>" after a 10-token context: few distinct continuations, no flag."""
+    rows = [[7, 2, 0]] * 4 + [[5, 7, 2]] * 3 + [[6, 6, 7], [4, 2, 0], [3, 2, 0]]
+    metrics = cell_metrics(rows, eos_token_id=2, max_new_tokens=3, reference_lengths=[2] * 10)
+    cell = CellResult("m", "greedy", 3, 10, 1, metrics["nontermination"], metrics["mean_length"],
+                      metrics["length_ratio"], metrics["seq_rep_4"], metrics["lengths"], distinct=metrics["distinct"],
+                      mode_share=metrics["mode_share"])  # fmt: skip
+    assert metrics["distinct"] == [0.5] and metrics["mode_share"] == [0.4] and not degenerate(cell)
+
+
 def test_the_degenerate_flag_fires_on_a_model_that_ignores_its_prompt_only() -> None:
     prompts = torch.tensor([[3, 1], [4, 1], [6, 1], [7, 1]])
     greedy = DecoderSpec("greedy", sampled=False, options={"do_sample": False, "num_beams": 1})
@@ -117,8 +127,9 @@ def test_the_degenerate_flag_fires_on_a_model_that_ignores_its_prompt_only() -> 
                           progress=False, unk_token_id=1)
         for name, model in (("constant", _Constant()), ("echo", _Echo()))
     }  # fmt: skip
-    assert cells["constant"].distinct == [0.25] and degenerate(cells["constant"])
-    assert cells["echo"].distinct == [1.0] and not degenerate(cells["echo"])
+    assert cells["constant"].mode_share == [1.0] and cells["constant"].distinct == [0.25]
+    assert degenerate(cells["constant"])
+    assert cells["echo"].mode_share == [0.25] and cells["echo"].distinct == [1.0] and not degenerate(cells["echo"])
     assert cells["echo"].unk_share == [0.0]
 
 
