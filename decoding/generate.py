@@ -133,9 +133,10 @@ def _check_mask(attention_mask: Any, input_ids: torch.LongTensor, *, columns: in
     if not bool(attention_mask.any(dim=1).all()):
         raise ValueError("attention_mask: some rows have no real token (all zeros); every prompt needs one")
     if not is_encoder_decoder and not bool(attention_mask[:, -1].all()):
-        warnings.warn("attention_mask: a prompt's last column is padding; decoder-only models continue from the "
-                      "last column, so batches are normally left-padded (tokenizer.padding_side = 'left')",
-                      UserWarning, stacklevel=3)
+        # transformers accepts it with a warning (holes in a mask are legitimate, e.g. a continued chat)
+        warnings.warn("attention_mask: right padding detected (a prompt's last column is padding); decoder-only "
+                      "models continue from the last column, so batches are normally left-padded "
+                      "(tokenizer.padding_side = 'left')", UserWarning, stacklevel=3)
     return attention_mask
 
 
