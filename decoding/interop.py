@@ -69,7 +69,7 @@ def custom_generate(
 
     expand = max(int(generation_config.num_beams or 1), int(generation_config.num_return_sequences or 1))
     step_model = hf_step_model(model)
-    prompts = input_ids[::expand]
+    prompts = input_ids[::expand].long()  # model.generate takes int32 ids too
     kept = [p for p in logits_processor or [] if not isinstance(p, _WARPERS)]
     processors = [_user_processor(p) for p in kept]
     # transformers' repetition penalty holds one row per expanded input (its prompt padding): the batch
