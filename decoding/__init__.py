@@ -8,7 +8,8 @@
 - :mod:`decoding.metrics` — non-termination ratio, lengths, repetition, perplexity, BLEU.
 """
 
-from .generate import GenerateOutput, generate
+from .generate import generate
+from .outputs import GenerateOutput
 from .interop import custom_generate
 from .models import RecurrentLM, RecurrentLMConfig
 from .protocol import StepModel, as_step_model

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .kv_cache import merge_caches, mergeable, reserve_cache
 
-__all__ = ["CausalLMStepModel", "Seq2SeqStepModel", "hf_step_model"]
+__all__ = ["CausalLMStepModel", "ModelInputs", "Seq2SeqStepModel", "hf_step_model"]
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -50,12 +50,45 @@ def _reorder(cache: Any, index: torch.LongTensor) -> Any:
 
 
 @dataclass(frozen=True)
+class ModelInputs:
+    """Forward inputs of a decoder-only batch besides ``input_ids`` and ``attention_mask``, as
+    ``model.generate`` takes them; every tensor has one row per prompt and the mask's ``T`` columns.
+
+    ``cache`` holds the first columns of every row already (a conversation continued from an earlier
+    output's ``cache``): only the columns after them are fed, with the whole mask.
+    """
+
+    token_type_ids: torch.LongTensor | None = None   # [B, T]; generated tokens repeat the last column's
+    position_ids: torch.LongTensor | None = None     # [B, T]; generated tokens count on from the last
+    inputs_embeds: torch.Tensor | None = None        # [B, T, H], fed instead of input_ids
+    cache: Any = None                                # a transformers Cache of B rows
+
+    def rows(self, index: slice) -> "ModelInputs":
+        """The inputs of prompts ``index`` (a batch decoded in chunks or refilled)."""
+        if self.cache is not None:
+            raise NotImplementedError("cache (past_key_values): continuing from a cache cannot be combined with "
+                                      "max_batch_size (the cache's rows cannot be split)")
+        def take(tensor):
+            return None if tensor is None else tensor[index]
+
+        return ModelInputs(take(self.token_type_ids), take(self.position_ids), take(self.inputs_embeds))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """``[B, T]`` transformers' position ids: real tokens counted from 0, 0 on every masked column (left
+    padding and holes alike)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@dataclass(frozen=True)
 class _CausalState:
     cache: Any                                # the model's KV cache, B rows (None when uncached)
     attention_mask: torch.LongTensor | None   # [B, T] or None when no row has padding
     next_position: torch.LongTensor           # [B] position id of the next token
     tokens: torch.LongTensor | None = None    # [B, T] the whole sequence, kept only when uncached
     positions: torch.LongTensor | None = None  # [B, T] its position ids, kept only when uncached
+    token_type: torch.LongTensor | None = None  # [B] the token type id of generated tokens (token_type_ids)
 
 
 class CausalLMStepModel:
@@ -82,9 +115,14 @@ class CausalLMStepModel:
         :mod:`decoding.kv_cache`; a longer decode still works, growing the cache)."""
         return CausalLMStepModel(self.model, use_cache=self.use_cache, reserve=new_tokens)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                                  "use_cache": self.use_cache}
+    def _forward(self, input_ids, attention_mask, position_ids, cache, *, token_type_ids=None, inputs_embeds=None):
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": self.use_cache}
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
         if self._takes_positions:
             kwargs["position_ids"] = position_ids
         if self._takes_logits_to_keep:
@@ -95,16 +133,38 @@ class CausalLMStepModel:
         return _last_logits(outputs), _output_cache(outputs)
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask):
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
+    def prefill(self, input_ids, attention_mask, *, inputs: ModelInputs | None = None):
+        """Feed the prompts (``inputs``: :class:`ModelInputs`, ``input_ids`` may then be ``[B, 0]`` next to
+        ``inputs_embeds``); returns ``(logits [B, V], state, input_ids)``."""
+        inputs = inputs or ModelInputs()
+        if not self.use_cache and (inputs.token_type_ids is not None or inputs.inputs_embeds is not None
+                                   or inputs.cache is not None):
+            raise NotImplementedError("use_cache=False takes no token_type_ids, inputs_embeds or cache")
+        position_ids = positions_from_mask(attention_mask) if inputs.position_ids is None else inputs.position_ids
         mask = None if bool((attention_mask == 1).all()) else attention_mask
-        logits, cache = self._forward(input_ids, mask, position_ids, None)
+        fed = 0 if inputs.cache is None else inputs.cache.get_seq_length()  # columns the cache holds already
+        if not 0 <= fed < attention_mask.shape[1]:
+            raise ValueError(f"cache: it holds {fed} columns but the attention mask has {attention_mask.shape[1]}; "
+                             "pass the whole conversation (the cached columns and at least one new one)")
+        token_types = inputs.token_type_ids
+
+        def new(tensor):
+            return None if tensor is None else tensor[:, fed:]
+
+        logits, cache = self._forward(new(input_ids) if input_ids.shape[1] else None, mask, new(position_ids),
+                                      inputs.cache, token_type_ids=new(token_types),
+                                      inputs_embeds=new(inputs.inputs_embeds))
         if self.use_cache:
             cache = reserve_cache(cache, self.reserve)
-        state = _CausalState(cache=cache, attention_mask=mask, next_position=position_ids[:, -1] + 1)
+        state = _CausalState(cache=cache, attention_mask=mask, next_position=position_ids[:, -1] + 1,
+                             token_type=None if token_types is None else token_types[:, -1])
         if not self.use_cache:
             state = replace(state, cache=None, tokens=input_ids, positions=position_ids)
         return logits, state, input_ids
+
+    def model_cache(self, state: _CausalState) -> Any:
+        """The transformers cache of ``state`` (what ``model.generate`` returns as ``cache``)."""
+        return state.cache
 
     @torch.no_grad()
     def step(self, tokens, state: _CausalState):
@@ -117,8 +177,10 @@ class CausalLMStepModel:
             logits, _ = self._forward(ids, mask, positions, None)
             return logits, replace(state, attention_mask=mask, next_position=state.next_position + 1,
                                    tokens=ids, positions=positions)
-        logits, cache = self._forward(tokens[:, None], mask, state.next_position[:, None], state.cache)
-        return logits, _CausalState(cache=cache, attention_mask=mask, next_position=state.next_position + 1)
+        token_type = None if state.token_type is None else state.token_type[:, None]
+        logits, cache = self._forward(tokens[:, None], mask, state.next_position[:, None], state.cache,
+                                      token_type_ids=token_type)
+        return logits, replace(state, cache=cache, attention_mask=mask, next_position=state.next_position + 1)
 
     def select(self, state: _CausalState, index):
         def rows(tensor):
@@ -126,7 +188,7 @@ class CausalLMStepModel:
 
         return _CausalState(cache=_reorder(state.cache, index), attention_mask=rows(state.attention_mask),
                             next_position=rows(state.next_position), tokens=rows(state.tokens),
-                            positions=rows(state.positions))
+                            positions=rows(state.positions), token_type=rows(state.token_type))
 
     def mergeable(self, state: _CausalState) -> bool:
         """Whether :meth:`merge` can take ``state``: no cache, or a plain dynamic KV cache (not sliding-window
@@ -153,13 +215,14 @@ class CausalLMStepModel:
         mask = mask[:, drop:]
         mask = None if bool(mask.all()) else mask
         next_position = torch.cat([state.next_position, other.next_position])
+        token_type = None if state.token_type is None else torch.cat([state.token_type, other.token_type])
         if state.cache is None:
             tokens = torch.cat([_pad_left(s.tokens, width, 0) for s in (state, other)])[:, drop:]
             positions = torch.cat([_pad_left(s.positions, width, 0) for s in (state, other)])[:, drop:]
             return _CausalState(cache=None, attention_mask=mask, next_position=next_position, tokens=tokens,
                                 positions=positions)
         cache = merge_caches(state.cache, other.cache, width=width, drop=drop)
-        return _CausalState(cache=cache, attention_mask=mask, next_position=next_position)
+        return _CausalState(cache=cache, attention_mask=mask, next_position=next_position, token_type=token_type)
 
 
 def _pad_left(tensor: torch.Tensor | None, width: int, value: int) -> torch.Tensor | None:
@@ -200,6 +263,14 @@ class Seq2SeqStepModel:
         """The same model with decoder KV-cache room reserved for ``new_tokens`` decoded tokens."""
         return Seq2SeqStepModel(self.model, decoder_start_token_id=self.decoder_start_token_id,
                                 reserve=new_tokens)
+
+    def starting_with(self, decoder_start_token_id: int) -> "Seq2SeqStepModel":
+        """The same model with output rows starting with ``decoder_start_token_id``."""
+        return Seq2SeqStepModel(self.model, decoder_start_token_id=decoder_start_token_id, reserve=self.reserve)
+
+    def model_cache(self, state: _Seq2SeqState) -> Any:
+        """The transformers cache of ``state`` (what ``model.generate`` returns as ``cache``)."""
+        return state.cache
 
     def _decode(self, decoder_input_ids, state: _Seq2SeqState):
         kwargs: dict[str, Any] = {

@@ -2,53 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig
-from transformers.utils import ModelOutput
 
 from . import transforms as T
-from .options import DecodeOptions, resolve_options
+from .adapters import CausalLMStepModel, ModelInputs
+from .options import DecodeOptions, _as_id_tuple, merged_generation_config, resolve_options
+from .outputs import GenerateOutput, output_class
 from .protocol import StepModel, as_step_model
 from .records import concat_steps
-from .search import Processor, Refill, SearchResult, beam_search, sample_search
+from .search import Processor, PromptNoise, Refill, SearchResult, Uniforms, beam_search, sample_search
+from .self_terminating import SelfTerminatingStepModel
 from .streaming import RowStreamer, StreamSink
 from .token_rules import rule_processors
+
+# KV-cache room reserved before decoding, in tokens; beyond it the cache grows geometrically, so a generous
+# max_new_tokens costs nothing until it is used.
+RESERVED_UP_FRONT = 2048
 
 __all__ = ["generate", "GenerateOutput", "build_processors", "decode_prefilled"]
 
 
-@dataclass
-class GenerateOutput(ModelOutput):
-    """What ``generate(..., return_dict_in_generate=True)`` returns.
+class _UserProcessor:
+    """A transformers-style processor ``(input_ids, scores) -> scores`` as a loop :data:`Processor`, named
+    after its class in errors."""
 
-    Attributes:
-        sequences: ``[N, P + G]`` prefix + continuation, pad after eos; ``N = prompts x
-            num_return_sequences``, the rows of one prompt adjacent, best beam first.
-        terminated: ``[N]`` bool, the row ended with eos (False: cut by the length limit).
-        lengths: ``[N]`` generated tokens per row, eos included.
-        sequences_scores: ``[N]`` final beam scores (beam search only).
-        scores: ``output_scores``: per generated step, the processed scores ``[N, V]`` (beam search:
-            ``[prompts x num_beams, V]``, one row per beam), as transformers returns them; ``-inf`` in the rows
-            that had left the batch (finished) at that step.
-        logits: ``output_logits``: per step, the model's raw logits, laid out as ``scores``.
-        beam_indices: ``[N, G]`` int32 (beam search): for each token, the beam row (``prompt x num_beams +
-            beam``) it extended; -1 after the row's end.
-    """
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.name = getattr(processor, "__name__", None) or type(processor).__name__
 
-    sequences: torch.LongTensor | None = None
-    terminated: torch.BoolTensor | None = None
-    lengths: torch.LongTensor | None = None
-    sequences_scores: torch.Tensor | None = None
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    beam_indices: torch.Tensor | None = None
+    def __call__(self, history: torch.LongTensor, scores: torch.Tensor, prompt_index: torch.LongTensor) -> torch.Tensor:
+        return self.processor(history, scores)
 
 
 def _user_processor(processor: Any) -> Processor:
-    return lambda history, scores, prompt_index: processor(history, scores)
+    return _UserProcessor(processor)
 
 
 def build_processors(options: DecodeOptions, *, prefix_length: int, padding_lengths: torch.LongTensor | None,
@@ -111,8 +102,12 @@ def build_processors(options: DecodeOptions, *, prefix_length: int, padding_leng
     return chain
 
 
-def _check_inputs(input_ids: Any, attention_mask: Any, *, vocab_size: int, is_encoder_decoder: bool,
-                  pad_token_id: int | None, eos_token_ids: Sequence[int]) -> tuple[torch.LongTensor, torch.LongTensor]:
+def _check_input_ids(input_ids: Any, *, vocab_size: int, is_encoder_decoder: bool,
+                     inputs_embeds: torch.Tensor | None) -> torch.LongTensor:
+    """``input_ids`` as a ``[B, T]`` int64 tensor (``model.generate`` takes int32 too); with ``inputs_embeds``
+    alone, ``[B, 0]``: the output then holds the generated tokens only, as in transformers."""
+    if input_ids is None and inputs_embeds is not None:
+        return torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long, device=inputs_embeds.device)
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError("input_ids must be an integer torch.Tensor of shape [batch, length]")
     if input_ids.dim() == 1:
@@ -126,35 +121,93 @@ def _check_inputs(input_ids: Any, attention_mask: Any, *, vocab_size: int, is_en
                          if not is_encoder_decoder else "input_ids is empty: pass at least one source token")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(f"input_ids contains token ids outside the vocabulary [0, {vocab_size})")
+    return input_ids.long()
+
+
+def _check_mask(attention_mask: Any, input_ids: torch.LongTensor, *, columns: int, is_encoder_decoder: bool,
+                pad_token_ids: tuple[int, ...], eos_token_ids: Sequence[int]) -> torch.LongTensor:
+    """The ``[B, columns]`` 0/1 attention mask; inferred from pad tokens for decoder-only models only, as
+    transformers does (an encoder without a mask sees every token, pad ones included)."""
     if attention_mask is None:
+        pad = pad_token_ids[0] if pad_token_ids else None
         # transformers' rule: infer the mask from pad tokens, unless pad is also an eos token
-        infer = (pad_token_id is not None and pad_token_id not in eos_token_ids
-                 and bool((input_ids == pad_token_id).any()))
-        attention_mask = (input_ids != pad_token_id).long() if infer else torch.ones_like(input_ids)
-    else:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        attention_mask = attention_mask.long()
-    real = attention_mask != 0
-    if not bool(real.any(dim=1).all()):
+        infer = (not is_encoder_decoder and pad is not None and pad not in eos_token_ids
+                 and bool((input_ids == pad).any()))
+        if infer:
+            return (input_ids != pad).long()
+        return torch.ones(input_ids.shape[0], columns, dtype=torch.long, device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError("attention_mask must be a torch.Tensor of shape [batch, length] holding 0 and 1")
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+    if attention_mask.shape != (input_ids.shape[0], columns):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs' shape "
+                         f"{(input_ids.shape[0], columns)}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens); it holds other values "
+                         "(NaN?)")
+    attention_mask = attention_mask.long()
+    if not bool(attention_mask.any(dim=1).all()):
         raise ValueError("attention_mask: some rows have no real token (all zeros); every prompt needs one")
-    if not is_encoder_decoder and not bool(real[:, -1].all()):
+    if not is_encoder_decoder and not bool(attention_mask[:, -1].all()):
+        # transformers accepts it with a warning (holes in a mask are legitimate, e.g. a continued chat)
+        warnings.warn("attention_mask: right padding detected (a prompt's last column is padding); decoder-only "
+                      "models continue from the last column, so batches are normally left-padded "
+                      "(tokenizer.padding_side = 'left')", UserWarning, stacklevel=3)
+    return attention_mask
+
+
+def _model_inputs(step_model: StepModel, *, is_encoder_decoder: bool, columns: int, rows: int,
+                  token_type_ids: Any, position_ids: Any, inputs_embeds: Any, cache: Any) -> ModelInputs | None:
+    """The forward inputs passed through to the model, checked; None when there are none."""
+    given = {name: value for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids),
+                                             ("inputs_embeds", inputs_embeds), ("cache", cache)) if value is not None}
+    if not given:
+        return None
+    if is_encoder_decoder or not isinstance(step_model, CausalLMStepModel):
+        raise NotImplementedError(f"{sorted(given)}: model inputs are passed through for decoder-only transformers "
+                                  f"models only, not {type(step_model).__name__}")
+    for name in ("token_type_ids", "position_ids"):
+        value = given.get(name)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.is_floating_point()
+                                  or tuple(value.shape) != (rows, columns)):
+            raise ValueError(f"{name} must be an integer tensor of shape {(rows, columns)} (one per input column)")
+    if inputs_embeds is not None and (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
+                                      or tuple(inputs_embeds.shape[:2]) != (rows, columns)):
+        raise ValueError(f"inputs_embeds must be a tensor of shape {(rows, columns)} + (hidden,)")
+    if cache is not None and not callable(getattr(cache, "get_seq_length", None)):
+        raise TypeError("cache must be a transformers Cache (e.g. an earlier output's .cache)")
+    return ModelInputs(token_type_ids=None if token_type_ids is None else token_type_ids.long(),
+                       position_ids=None if position_ids is None else position_ids.long(),
+                       inputs_embeds=inputs_embeds, cache=cache)
+
+
+def _for_decoding(step_model: StepModel, options: DecodeOptions, *, refilling: bool) -> StepModel:
+    """The step model as the options want it: uncached, decoder start token, KV-cache room reserved."""
+    if not options.use_cache:
+        step_model = _uncached(step_model)
+    if options.decoder_start_token_id is not None:
+        if not callable(getattr(step_model, "starting_with", None)):
+            raise NotImplementedError(f"decoder_start_token_id: {type(step_model).__name__} cannot change its "
+                                      "decoder start token")
+        step_model = step_model.starting_with(options.decoder_start_token_id)
+    if isinstance(step_model, SelfTerminatingStepModel) and step_model.eos_token_id not in options.eos_token_ids:
         raise ValueError(
-            "attention_mask: right padding detected; decoder-only models need left-padded prompts "
-            "(tokenizer.padding_side = 'left')"
-        )
-    return input_ids, attention_mask
+            f"eos_token_id {list(options.eos_token_ids) or -1}: the self-terminating model's guarantee is about "
+            f"its own eos token {step_model.eos_token_id}; decoding would stop only at max_new_tokens. Include it "
+            "in eos_token_id (or leave eos_token_id unset)")
+    if options.use_cache and hasattr(step_model, "reserving"):
+        # refilled rows start at later columns of the cache: room for half a decode more saves regrowing;
+        # the cache then grows with what is generated, as the token buffers do
+        wanted = options.max_new_tokens * 3 // 2 if refilling else options.max_new_tokens
+        step_model = step_model.reserving(min(wanted, RESERVED_UP_FRONT))
+    return step_model
 
 
 @torch.no_grad()
 def generate(
     model: Any,
-    input_ids: torch.LongTensor,
+    input_ids: torch.LongTensor | None = None,
     attention_mask: torch.LongTensor | None = None,
     *,
     generation_config: GenerationConfig | None = None,
@@ -170,15 +223,21 @@ def generate(
     beam_rule: str = "transformers",
     max_batch_size: int | None = None,
     progress: bool = False,
+    token_type_ids: torch.LongTensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    cache: Any = None,
+    past_key_values: Any = None,
     **kwargs: Any,
 ) -> torch.LongTensor | GenerateOutput:
     """Generate continuations, with ``model.generate``'s options, meanings and output layout.
 
     Args:
         model: a transformers causal LM or encoder-decoder, or any :class:`~decoding.StepModel`.
-        input_ids: ``[B, T]`` prompts, left-padded for decoder-only models (encoder inputs for
-            encoder-decoders).
-        attention_mask: ``[B, T]``, 1 on real tokens; inferred from ``pad_token_id`` when omitted.
+        input_ids: ``[B, T]`` prompts (any integer dtype), left-padded for decoder-only models (encoder
+            inputs for encoder-decoders); may be omitted next to ``inputs_embeds``.
+        attention_mask: ``[B, T]``, 1 on real tokens, 0 on padding (holes too, as in transformers); inferred
+            from ``pad_token_id`` for decoder-only models when omitted.
         generation_config: a ``transformers.GenerationConfig``; keyword options override it.
         logits_processor: a user's processors (``LogitsProcessorList`` or callables
             ``(input_ids, scores) -> scores``), applied after the built-in ones and before temperature and
@@ -214,17 +273,24 @@ def generate(
             self-terminating wrappers of those) and no logits processor needs whole-batch lengths
             (repetition penalty, min/forced lengths, user processors); beam search refills too, a whole
             prompt's beams at a time. Otherwise, and in beam sampling, the prompts are decoded in
-            consecutive chunks. Each prompt gets the tokens it gets without the
-            limit (seeded sampling too, when refilling; chunks draw in chunk order), up to floating-point
-            effects of batch composition. Pays off where rows end early; in a transformers model's KV cache
-            every row attends over the span of the oldest running row, so with long rows it can be slower
-            than decoding without a limit. None: all prompts at once.
+            consecutive chunks. Each prompt gets the tokens it gets without the limit (seeded samples
+            too: every row and prompt draws its own random numbers), up to floating-point effects of batch
+            composition. Pays off where rows end early; in a transformers model's KV cache every row attends
+            over the span of the oldest running row, so with long rows it can be slower than decoding
+            without a limit. None: all prompts at once.
         progress: show a tqdm bar over decoding steps.
+        token_type_ids, position_ids: ``[B, T]`` passed to a decoder-only transformers model's forward as
+            ``model.generate`` passes them (generated tokens: the last column's type, positions counting on).
+        inputs_embeds: ``[B, T, H]`` fed to a decoder-only model instead of ``input_ids``.
+        cache: a transformers cache holding the first columns of every row (``past_key_values``, the older
+            name, is accepted too): e.g. an earlier output's ``cache`` with ``input_ids`` that output's
+            sequences plus new tokens, to continue a conversation.
         **kwargs: transformers' generation options (see ``decoding.options.SUPPORTED_OPTIONS``).
 
     Returns:
-        ``[N, P + G]`` token ids (``N = B x num_return_sequences``), or a :class:`GenerateOutput` with
-        ``return_dict_in_generate=True``.
+        ``[N, P + G]`` token ids (``N = B x num_return_sequences``), or with ``return_dict_in_generate=True``
+        the output class transformers returns (``GenerateDecoderOnlyOutput``, ...) with this library's
+        fields (:class:`~decoding.outputs.GenerateOutput`).
 
     Example:
         >>> out = generate(model, ids, mask, do_sample=True, top_k=2, consistent=True,
@@ -232,21 +298,15 @@ def generate(
         ...                generator=torch.Generator().manual_seed(0))
         >>> out.terminated.float().mean()   # share of rows that emitted eos
     """
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as cache= or past_key_values=, not both")
     step_model: StepModel = as_step_model(model)
     is_encoder_decoder = bool(getattr(step_model, "is_encoder_decoder", False)
                               or getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     vocab_size = int(step_model.vocab_size)
-    config_source = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
-    pad_hint = kwargs.get("pad_token_id", getattr(config_source, "pad_token_id", None))
-    eos_hint = kwargs.get("eos_token_id", getattr(config_source, "eos_token_id", None))
-    eos_hint = [eos_hint] if isinstance(eos_hint, int) else list(eos_hint or [])
-    input_ids, attention_mask = _check_inputs(
-        input_ids, attention_mask, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
-        pad_token_id=pad_hint if isinstance(pad_hint, int) else None, eos_token_ids=eos_hint,
-    )
-    model_device = getattr(model, "device", None)
-    if isinstance(model_device, torch.device) and model_device.type != "meta":
-        input_ids, attention_mask = input_ids.to(model_device), attention_mask.to(model_device)
+    input_ids = _check_input_ids(input_ids, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
+                                 inputs_embeds=None if is_encoder_decoder else inputs_embeds)
+    columns = input_ids.shape[1] if inputs_embeds is None or is_encoder_decoder else inputs_embeds.shape[1]
     prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
     options = resolve_options(
         model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
@@ -254,13 +314,25 @@ def generate(
         consistent=consistent, generator=generator, drop_finished=drop_finished, beam_rule=beam_rule,
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, stopping_criteria=stopping_criteria, tokenizer=tokenizer,
     )
+    model_inputs = _model_inputs(step_model, is_encoder_decoder=is_encoder_decoder, columns=columns,
+                                 rows=input_ids.shape[0], token_type_ids=token_type_ids, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, cache=cache if cache is not None else past_key_values)
+    if inputs_embeds is None or input_ids.shape[1]:
+        if input_ids.shape[1] != columns:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} columns, inputs_embeds {columns}")
+    pad_ids = _as_id_tuple(merged_generation_config(model, generation_config, kwargs).pad_token_id, "pad_token_id")
+    attention_mask = _check_mask(attention_mask, input_ids, columns=columns, is_encoder_decoder=is_encoder_decoder,
+                                 pad_token_ids=pad_ids, eos_token_ids=options.eos_token_ids)
+    model_device = getattr(model, "device", None)
+    if isinstance(model_device, torch.device) and model_device.type != "meta":
+        input_ids, attention_mask = input_ids.to(model_device), attention_mask.to(model_device)
     per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
     capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])
     sink = _stream_sink(streamer, stream, options, n_rows=input_ids.shape[0] * options.num_return_sequences,
                         limited=capacity is not None)
     try:
         return _decode(step_model, input_ids, attention_mask, options=options, capacity=capacity, sink=sink,
-                       is_encoder_decoder=is_encoder_decoder, progress=progress)
+                       model_inputs=model_inputs, is_encoder_decoder=is_encoder_decoder, progress=progress)
     finally:
         if sink is not None:
             sink.end()
@@ -280,18 +352,14 @@ def _stream_sink(streamer: Any, stream: Any, options: DecodeOptions, *, n_rows: 
 
 
 def _decode(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
-            options: DecodeOptions, capacity: int | None, sink: StreamSink | None, is_encoder_decoder: bool,
-            progress: bool) -> torch.LongTensor | GenerateOutput:
+            options: DecodeOptions, capacity: int | None, sink: StreamSink | None, model_inputs: ModelInputs | None,
+            is_encoder_decoder: bool, progress: bool) -> torch.LongTensor | GenerateOutput:
     """Prefill and search, in one batch or in chunks of ``capacity`` rows (refilled where possible)."""
     per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
     prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
-    if not options.use_cache:
-        step_model = _uncached(step_model)
     refilling = (capacity is not None and options.drop_finished and callable(getattr(step_model, "merge", None))
                  and not (options.is_beam_search and options.do_sample))
-    if options.use_cache and hasattr(step_model, "reserving"):
-        # refilled rows start at later columns of the cache: room for half a decode more saves regrowing
-        step_model = step_model.reserving(options.max_new_tokens * 3 // 2 if refilling else options.max_new_tokens)
+    step_model = _for_decoding(step_model, options, refilling=refilling)
     padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
     in_place = bool(getattr(step_model, "fresh_logits", False))
 
@@ -300,29 +368,59 @@ def _decode(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: 
                                 padding_lengths=None if padding is None else padding[rows],
                                 first_prompt=rows.start or 0)
 
+    def prefill(rows: slice) -> tuple[torch.Tensor, Any, torch.LongTensor]:
+        if model_inputs is None:
+            return step_model.prefill(input_ids[rows], attention_mask[rows])
+        chunk_inputs = model_inputs if rows == slice(None) else model_inputs.rows(rows)
+        return step_model.prefill(input_ids[rows], attention_mask[rows], inputs=chunk_inputs)
+
     if capacity is None:
-        logits, state, prefix = step_model.prefill(input_ids, attention_mask)
+        logits, state, prefix = prefill(slice(None))
         if sink is not None:
             sink.prompt(prefix.repeat_interleave(options.num_return_sequences, dim=0))
         return decode_prefilled(step_model, logits, state, prefix, options=options,
                                 processors=processors_for(slice(None)), progress=progress, stream=sink)
     chunk, search = capacity // per_prompt, beam_search if options.is_beam_search else sample_search
+    draws = _random_draws(options, prompts=input_ids.shape[0], device=input_ids.device)
     results = []
     for start in range(0, input_ids.shape[0], chunk):  # one chunk, refilled with the rest, or chunk after chunk
         rows = slice(start, start + chunk)
         processors = processors_for(rows)
-        logits, state, prefix = step_model.prefill(input_ids[rows], attention_mask[rows])
+        logits, state, prefix = prefill(rows)
         refill = None
         if (refilling and not processors and not options.stopping_criteria
                 and getattr(step_model, "mergeable", lambda _: True)(state)):
-            refill = _refill(step_model, input_ids, attention_mask, first=start + chunk, rows=chunk * per_prompt,
-                             per_prompt=per_prompt)
+            refill = Refill(admit=_admitting(prefill, first=start + chunk), merge=step_model.merge,
+                            prompts=input_ids.shape[0] - start - chunk, capacity=chunk * per_prompt,
+                            threshold=max(per_prompt, chunk * per_prompt // 8))
         stream = None if sink is None else sink.shifted(start * options.num_return_sequences)
         results.append(search(step_model, logits, state, prefix, options=options, processors=processors,
-                              progress=progress, refill=refill, stream=stream))
+                              progress=progress, refill=refill, stream=stream,
+                              draws=_chunk_view(draws, start, per_prompt)))
         if refill is not None:
             break
-    return _shape_output(_concat_results(results, options.pad_token_id), options)
+    return _shape_output(_concat_results(results, options), options, step_model,
+                         is_encoder_decoder=is_encoder_decoder)
+
+
+def _random_draws(options: DecodeOptions, *, prompts: int, device: torch.device) -> Uniforms | PromptNoise | None:
+    """The random numbers of a call decoded in chunks, drawn per row (sampling) or per prompt (beam sampling)
+    so that chunking never changes a sample."""
+    if not options.do_sample:
+        return None
+    if options.is_beam_search:
+        return PromptNoise(prompts, generator=options.generator, device=device)
+    return Uniforms(prompts * options.num_return_sequences, generator=options.generator, device=device)
+
+
+def _chunk_view(draws: Uniforms | PromptNoise | None, first_prompt: int,
+                per_prompt: int) -> Uniforms | PromptNoise | None:
+    """The part of ``draws`` of a chunk starting at prompt ``first_prompt``."""
+    if isinstance(draws, Uniforms):
+        return draws.rows_from(first_prompt * per_prompt)
+    if isinstance(draws, PromptNoise):
+        return draws.prompts_from(first_prompt)
+    return None
 
 
 def _check_max_batch_size(max_batch_size: Any, per_prompt: int, n_prompts: int) -> int | None:
@@ -335,25 +433,25 @@ def _check_max_batch_size(max_batch_size: Any, per_prompt: int, n_prompts: int) 
     return None if n_prompts * per_prompt <= max_batch_size else max_batch_size
 
 
-def _refill(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *, first: int,
-            rows: int, per_prompt: int) -> Refill:
-    """Prompts ``first, first + 1, ...`` waiting for rows of a batch of at most ``rows`` rows."""
+def _admitting(prefill: Callable[[slice], tuple[torch.Tensor, Any, torch.LongTensor]], *,
+               first: int) -> Callable[[int], tuple[torch.Tensor, Any, torch.LongTensor]]:
+    """``admit(count)`` for a :class:`Refill`: prefill the next ``count`` prompts, from prompt ``first`` on."""
     admitted = first
 
     def admit(count: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
         nonlocal admitted
-        chunk = slice(admitted, admitted + count)
+        rows = slice(admitted, admitted + count)
         admitted += count
-        return step_model.prefill(input_ids[chunk], attention_mask[chunk])
+        return prefill(rows)
 
-    return Refill(admit=admit, merge=step_model.merge, prompts=input_ids.shape[0] - first, capacity=rows,
-                  threshold=max(per_prompt, rows // 8))
+    return admit
 
 
-def _concat_results(results: Sequence[SearchResult], pad_token_id: int) -> SearchResult:
-    """The rows of consecutive chunks' results, in order (sequences padded to the widest)."""
+def _concat_results(results: Sequence[SearchResult], options: DecodeOptions) -> SearchResult:
+    """The rows of consecutive chunks' results, in order (sequences padded to the widest, as one batch is)."""
     width = max(r.sequences.shape[1] for r in results)
-    sequences = torch.cat([torch.nn.functional.pad(r.sequences, (0, width - r.sequences.shape[1]), value=pad_token_id)
+    fill = options.beam_fill_token_id if options.is_beam_search else options.pad_token_id
+    sequences = torch.cat([torch.nn.functional.pad(r.sequences, (0, width - r.sequences.shape[1]), value=fill)
                            for r in results])
     scores = None if results[0].scores is None else torch.cat([r.scores for r in results])
     beam_indices = None
@@ -376,24 +474,31 @@ def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, pr
                      options: DecodeOptions, processors: Sequence[Processor], progress: bool = False,
                      stream: StreamSink | None = None) -> torch.LongTensor | GenerateOutput:
     """Run the search the options ask for from a prefilled state and shape the result as ``generate``
-    returns it (the sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``)."""
+    returns it (the sequences, or the output class with ``return_dict_in_generate``)."""
     search = beam_search if options.is_beam_search else sample_search
-    return _shape_output(search(step_model, logits, state, prefix, options=options, processors=processors,
-                                progress=progress, stream=stream), options)
+    result = search(step_model, logits, state, prefix, options=options, processors=processors, progress=progress,
+                    stream=stream)
+    return _shape_output(result, options, step_model,
+                         is_encoder_decoder=bool(getattr(step_model, "is_encoder_decoder", False)))
 
 
-def _shape_output(result: SearchResult, options: DecodeOptions) -> torch.LongTensor | GenerateOutput:
-    """The sequences, or a :class:`GenerateOutput` with ``return_dict_in_generate``."""
+def _shape_output(result: SearchResult, options: DecodeOptions, step_model: StepModel, *,
+                  is_encoder_decoder: bool) -> torch.LongTensor | GenerateOutput:
+    """The sequences, or transformers' output class for the model and search with this library's fields."""
     if not options.return_dict_in_generate:
         return result.sequences
+    cache_of = getattr(step_model, "model_cache", None)
+    cache = cache_of(result.state) if result.state is not None and callable(cache_of) else None
+    output = output_class(is_encoder_decoder=is_encoder_decoder, beam_search=options.is_beam_search)
+    fields: dict[str, Any] = dict(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
+                                  sequences_scores=result.scores, scores=result.step_scores,
+                                  logits=result.step_logits, cache=cache)
     beam_indices = result.beam_indices
     if beam_indices is not None:  # beam slots -> rows of the prompts x num_beams batch, as transformers numbers them
         prompt = torch.arange(beam_indices.shape[0], device=beam_indices.device) // options.num_return_sequences
-        beam_indices = torch.where(beam_indices >= 0, beam_indices + (prompt * options.num_beams)[:, None].to(
+        fields["beam_indices"] = torch.where(beam_indices >= 0, beam_indices + (prompt * options.num_beams)[:, None].to(
             beam_indices.dtype), beam_indices)
-    return GenerateOutput(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
-                          sequences_scores=result.scores, scores=result.step_scores, logits=result.step_logits,
-                          beam_indices=beam_indices)
+    return output(**fields)
 
 
 def _uncached(step_model: StepModel) -> StepModel:

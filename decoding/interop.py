@@ -30,15 +30,20 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerationMixin
 
-from .adapters import Seq2SeqStepModel, hf_step_model
-from .generate import GenerateOutput, _stream_sink, _user_processor, decode_prefilled
+from .adapters import ModelInputs, Seq2SeqStepModel, hf_step_model
+from .generate import _for_decoding, _stream_sink, _user_processor, decode_prefilled
 from .options import DecodeOptions, resolve_options
+from .outputs import GenerateOutput
 from .search import Processor
 from .streaming import RowStreamer
 from .token_rules import rule_processors
 
 __all__ = ["custom_generate"]
 
+# What transformers hands over in model_kwargs that the loop takes (any other input is refused by name).
+_DECODER_ONLY_INPUTS = frozenset({"attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "cache",
+                                  "past_key_values", "use_cache", "logits_to_keep"})
+_ENCODER_DECODER_INPUTS = frozenset({"attention_mask", "encoder_outputs", "cache", "past_key_values", "use_cache"})
 _WARPERS = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper,
             lp.TypicalLogitsWarper, lp.EpsilonLogitsWarper, lp.EtaLogitsWarper)
 # transformers' token-rule processors -> (the config field that makes transformers build one, our stage)
@@ -103,14 +108,17 @@ def _prepare(model: Any, input_ids: torch.LongTensor, logits_processor: Any, sto
              model_kwargs: dict[str, Any]) -> tuple[Any, DecodeOptions, list[Processor], tuple]:
     """The step model, options, processors and prefill ``(logits, state, prefix)`` of one custom_generate call."""
     criteria = [c for c in stopping_criteria or [] if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-        raise NotImplementedError("custom_generate cannot continue from a pre-filled cache")
+    is_encoder_decoder = bool(model.config.is_encoder_decoder)
+    unknown = sorted(name for name, value in model_kwargs.items()
+                     if value is not None and name not in (_ENCODER_DECODER_INPUTS if is_encoder_decoder
+                                                           else _DECODER_ONLY_INPUTS))
+    if unknown:
+        raise NotImplementedError(f"model inputs {unknown} are not passed through by custom_generate (the model "
+                                  "would silently run without them); use model.generate without it")
 
     expand = max(int(generation_config.num_beams or 1), int(generation_config.num_return_sequences or 1))
     step_model = hf_step_model(model)
-    prompts = input_ids[::expand]
-    is_encoder_decoder = bool(model.config.is_encoder_decoder)
+    prompts = input_ids[::expand].long()  # model.generate takes int32 ids too
     kept = [p for p in logits_processor or [] if not isinstance(p, _WARPERS)]
     constraint = next((p for p in kept if isinstance(p, lp.PrefixConstrainedLogitsProcessor)), None)
     # transformers' repetition penalty holds one row per expanded input (its prompt padding): the batch
@@ -126,19 +134,18 @@ def _prepare(model: Any, input_ids: torch.LongTensor, logits_processor: Any, sto
     )
     processors = _processors(kept, options, generation_config, prefix_length=prompts.shape[1],
                              device=input_ids.device)
-    step_model = step_model.reserving(options.max_new_tokens)
-
+    step_model = _for_decoding(step_model, options, refilling=False)
+    mask = model_kwargs.get("attention_mask")
     if is_encoder_decoder:
         assert isinstance(step_model, Seq2SeqStepModel)
-        encoder = model_kwargs["encoder_outputs"]
-        mask = model_kwargs.get("attention_mask")
-        hidden = encoder.last_hidden_state[::expand]
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask[::expand]
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("cache: custom_generate cannot continue an encoder-decoder from a filled cache")
+        hidden = model_kwargs["encoder_outputs"].last_hidden_state[::expand]
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device) if mask is None else mask[::expand]
         logits, state, prefix = step_model.prefill_encoded(hidden, mask, prompts)
     else:
-        mask = model_kwargs.get("attention_mask")
-        mask = torch.ones_like(prompts) if mask is None else mask[::expand]
-        logits, state, prefix = step_model.prefill(prompts, mask)
+        logits, state, prefix = _prefill_decoder_only(step_model, prompts, model_kwargs, expand=expand)
     return step_model, options, processors, (logits, state, prefix)
 
 
@@ -159,3 +166,23 @@ def _processors(kept: list, options: DecodeOptions, config: GenerationConfig, *,
             continue
         chain.extend(rule_processors(options.token_rules, rule[1], begin_index=begin, device=device))
     return chain
+
+
+def _prefill_decoder_only(step_model: Any, prompts: torch.LongTensor, model_kwargs: dict[str, Any], *,
+                          expand: int) -> tuple[torch.Tensor, Any, torch.LongTensor]:
+    """Prefill the prompts (one row of every ``expand``) with the model inputs transformers prepared."""
+    def rows(name: str) -> torch.Tensor | None:
+        value = model_kwargs.get(name)
+        return None if value is None else value[::expand]
+
+    embeds = rows("inputs_embeds")
+    columns = prompts.shape[1] if embeds is None else embeds.shape[1]
+    mask = rows("attention_mask")
+    if mask is None:  # transformers drops an all-ones mask
+        mask = torch.ones(prompts.shape[0], columns, dtype=torch.long, device=prompts.device)
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() == 0:
+        cache = None  # the empty cache transformers made for its own loop
+    inputs = ModelInputs(token_type_ids=rows("token_type_ids"), position_ids=rows("position_ids"),
+                         inputs_embeds=embeds, cache=cache)
+    return step_model.prefill(prompts, mask, inputs=inputs)

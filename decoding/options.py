@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -18,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .token_rules import TokenRules, resolve_token_rules
-from .transforms import Truncation
+from .transforms import Truncation, check_temperature
 
 __all__ = ["DecodeOptions", "resolve_options", "SUPPORTED_OPTIONS"]
 
@@ -83,17 +84,56 @@ class DecodeOptions:
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
 
+    @property
+    def beam_fill_token_id(self) -> int:
+        """What beam search writes after a hypothesis' eos: transformers' ``pad_token_id or eos_token_id[0]``,
+        so a pad id of 0 gives eos (its quirk, matched so the output tensors are the same)."""
+        return self.pad_token_id or (self.eos_token_ids[0] if self.eos_token_ids else self.pad_token_id)
+
+
+NEVER_STOP = -1  # transformers' eos_token_id meaning "no eos": it never matches a token
+
 
 def _as_id_tuple(value: Any, name: str) -> tuple[int, ...]:
+    """Token ids given as an int, a list of ints or an integer tensor of any shape, as a tuple."""
     if value is None:
         return ()
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name}: expected integer token ids, got a {value.dtype} tensor")
         value = value.flatten().tolist()
-    if isinstance(value, int):
-        return (value,)
-    if isinstance(value, Sequence) and all(isinstance(v, int) for v in value):
-        return tuple(value)
+    if _is_int(value):
+        return (int(value),)
+    if isinstance(value, Sequence) and all(_is_int(v) for v in value):
+        return tuple(int(v) for v in value)
     raise TypeError(f"{name}: expected an int or a list of ints, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, *, low: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` (transformers raises for ``top_k=2.5`` too)."""
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_token(name: str, token: int, vocab_size: int) -> int:
+    if not 0 <= token < vocab_size:
+        raise ValueError(f"{name} {token} is outside the vocabulary [0, {vocab_size})")
+    return token
+
+
+def eos_ids(value: Any, vocab_size: int) -> tuple[int, ...]:
+    """The eos ids of ``eos_token_id`` (int, list or tensor); ``-1``, transformers' "never stop", matches
+    no token and is dropped."""
+    ids = _as_id_tuple(value, "eos_token_id")
+    for token in ids:
+        if token != NEVER_STOP:
+            _check_token("eos_token_id", token, vocab_size)
+    return tuple(token for token in ids if token != NEVER_STOP)
 
 
 def merged_generation_config(model: Any, generation_config: GenerationConfig | None,
@@ -170,11 +210,9 @@ def resolve_options(
 
     # Lengths, as transformers computes them: max_new_tokens wins over max_length.
     if config.max_new_tokens is not None:
-        if config.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
-        max_new_tokens = int(config.max_new_tokens)
+        max_new_tokens = _check_int("max_new_tokens", config.max_new_tokens, low=1)
     else:
-        max_length = int(config.max_length)
+        max_length = _check_int("max_length", config.max_length, low=1)
         if has_default_max:
             max_length = max_length + prefix_length
             positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -192,39 +230,30 @@ def resolve_options(
             )
         max_new_tokens = max_length - prefix_length
     if config.min_new_tokens is not None:
-        if config.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, got {config.min_new_tokens}")
-        min_new_tokens = int(config.min_new_tokens)
+        min_new_tokens = _check_int("min_new_tokens", config.min_new_tokens, low=0)
     else:
-        if config.min_length is not None and config.min_length < 0:
-            raise ValueError(f"min_length must be >= 0, got {config.min_length}")
-        min_new_tokens = max(0, int(config.min_length or 0) - prefix_length)
+        min_length = _check_int("min_length", config.min_length or 0, low=0)
+        min_new_tokens = max(0, min_length - prefix_length)
 
-    eos = _as_id_tuple(config.eos_token_id, "eos_token_id")
-    for token in eos:
-        if not 0 <= token < vocab_size:
-            raise ValueError(f"eos_token_id {token} is outside the vocabulary [0, {vocab_size})")
+    eos = eos_ids(config.eos_token_id, vocab_size)
     if consistent and not eos:
         raise ValueError(
             "consistent=True needs an eos token: pass eos_token_id (int or list of ints) or set it in "
             "model.generation_config"
         )
-    pad = config.pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
-    elif isinstance(pad, (list, tuple)):
-        pad = pad[0]
+    pad_ids = _as_id_tuple(config.pad_token_id, "pad_token_id")
+    pad = _check_token("pad_token_id", pad_ids[0], vocab_size) if pad_ids else (eos[0] if eos else 0)
 
     do_sample = bool(config.do_sample)
-    temperature = float(config.temperature if config.temperature is not None else 1.0)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}")
-    num_beams = int(config.num_beams)
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    num_return_sequences = int(config.num_return_sequences)
-    if num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    temperature = 1.0 if config.temperature is None else config.temperature
+    if do_sample:
+        try:
+            temperature = check_temperature(temperature)
+        except ValueError as error:  # name the option as this module does
+            raise ValueError(f"temperature must be a finite number > 0 when sampling (do_sample=True), got "
+                             f"{temperature!r}") from error
+    num_beams = _check_int("num_beams", config.num_beams, low=1)
+    num_return_sequences = _check_int("num_return_sequences", config.num_return_sequences, low=1)
     if not do_sample and num_return_sequences > num_beams:
         raise ValueError(
             f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
@@ -236,12 +265,10 @@ def resolve_options(
     repetition_penalty = float(config.repetition_penalty)
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    no_repeat = int(config.no_repeat_ngram_size or 0)
-    if no_repeat < 0:
-        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat}")
+    no_repeat = _check_int("no_repeat_ngram_size", config.no_repeat_ngram_size or 0, low=0)
 
     truncation = Truncation(
-        top_k=int(config.top_k or 0),
+        top_k=_check_int("top_k", config.top_k or 0, low=0),
         top_p=float(config.top_p if config.top_p is not None else 1.0),
         min_p=None if config.min_p is None else float(config.min_p),
         typical_p=float(config.typical_p if config.typical_p is not None else 1.0),
@@ -263,9 +290,15 @@ def resolve_options(
     for name, ids in (("forced_bos_token_id", _as_id_tuple(forced_bos, "forced_bos_token_id")),
                       ("forced_eos_token_id", forced_eos)):
         for token in ids:
-            if not 0 <= token < vocab_size:
-                raise ValueError(f"{name} {token} is outside the vocabulary [0, {vocab_size})")
+            _check_token(name, token, vocab_size)
     _check_beam_rule(beam_rule, kwargs, do_sample=do_sample, num_return_sequences=num_return_sequences)
+    decoder_start = None
+    if is_encoder_decoder and config.decoder_start_token_id is not None:
+        starts = _as_id_tuple(config.decoder_start_token_id, "decoder_start_token_id")
+        if len(starts) != 1:
+            raise ValueError(f"decoder_start_token_id must be one token id (one per row is not supported), got "
+                             f"{config.decoder_start_token_id!r}")
+        decoder_start = _check_token("decoder_start_token_id", starts[0], vocab_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     token_rules = resolve_token_rules(config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
@@ -276,7 +309,7 @@ def resolve_options(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         do_sample=do_sample,
-        temperature=temperature,
+        temperature=float(temperature),
         truncation=truncation,
         consistent=bool(consistent),
         num_beams=num_beams,
@@ -287,14 +320,14 @@ def resolve_options(
         pad_token_id=int(pad),
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat,
-        forced_bos_token_id=None if forced_bos is None else int(forced_bos),
+        forced_bos_token_id=None if forced_bos is None else _as_id_tuple(forced_bos, "forced_bos_token_id")[0],
         forced_eos_token_id=forced_eos,
         exponential_decay_length_penalty=decay,
         logits_processor=tuple(logits_processor or ()),
         return_dict_in_generate=bool(config.return_dict_in_generate),
         use_cache=bool(config.use_cache if config.use_cache is not None else True),
         generator=generator,
-        decoder_start_token_id=config.decoder_start_token_id if is_encoder_decoder else None,
+        decoder_start_token_id=decoder_start,
         drop_finished=bool(drop_finished),
         beam_rule=beam_rule,
         token_rules=token_rules,

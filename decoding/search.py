@@ -7,7 +7,6 @@ generated, not rows x max_new_tokens. Selection is the only thing that differs b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -20,13 +19,16 @@ from .records import StepRecord
 from .streaming import StreamSink
 from .transforms import apply_temperature, truncate
 
-__all__ = ["SearchResult", "Refill", "sample_search", "beam_search", "Processor"]
+__all__ = ["SearchResult", "Refill", "Uniforms", "PromptNoise", "sample_search", "beam_search", "Processor"]
 
 # A logits processor inside the loop: (history [B, T], scores [B, V], prompt_index [B]) -> scores [B, V].
 # prompt_index says which prompt each row decodes, so processors with per-prompt data (e.g. how much left
 # padding to ignore) stay correct while rows are expanded into beams and finished rows leave the batch.
 Processor = Callable[[torch.LongTensor, torch.Tensor, torch.LongTensor], torch.Tensor]
 _BIG_NEGATIVE = -1.0e9  # transformers' "impossible" score in beam search
+# Generated-token columns (and steps of random numbers) allocated before the first token; storage then
+# doubles when a decode outgrows it, so it follows the tokens generated, not max_new_tokens.
+FIRST_CAPACITY = 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class SearchResult:
     lengths: torch.LongTensor          # [N] generated tokens per row, eos included
     terminated: torch.BoolTensor       # [N] the row ended with eos (not cut by max_new_tokens)
     scores: torch.Tensor | None        # [N] length-penalised beam scores (beam search only)
+    state: Any = None                  # the model state after the last fed token, every row in output order
+    #                                    (None when rows left the batch, were refilled, or in beam search)
     # output_scores / output_logits: per step [N, V] (beam search: [prompts x num_beams, V]), -inf off the batch
     step_scores: tuple[torch.Tensor, ...] | None = None
     step_logits: tuple[torch.Tensor, ...] | None = None
@@ -90,25 +94,52 @@ def _records(options: DecodeOptions) -> tuple[StepRecord | None, StepRecord | No
             StepRecord() if asked and options.output_logits else None)
 
 
-def _check_step(step: int, raw_max: torch.Tensor, best: torch.Tensor, extra: torch.Tensor) -> int:
-    """One host sync per step: raise on NaN logits or a row with no token left; return ``extra``.
+def _check_step(step: int, row_values: Sequence[torch.Tensor], extra: torch.Tensor,
+                explain: Callable[[], Exception]) -> int:
+    """One host sync per step: raise ``explain()`` unless every value is ``> -inf`` (NaN fails); return ``extra``.
 
     Args:
-        raw_max: ``[B]`` row maxima of the model's logits; NaN where a row holds a NaN (max propagates it).
-        best: ``[B]`` per row, a value that is ``> -inf`` exactly when the row still has a token to choose
-            (its best score, or its total probability mass).
+        row_values: ``[B]`` vectors that are ``> -inf`` exactly when a row is healthy: the maxima of the
+            model's logits and of the processed scores (max propagates NaN), the chosen token's score or the
+            sampled row's probability mass (NaN or -inf when no token is left).
         extra: a scalar integer tensor to bring to the host in the same transfer.
+        explain: builds the error, on the error path only (it may recompute the step to find the culprit).
     """
-    values = torch.cat([raw_max.float(), best.float(), extra.reshape(1).float()]).tolist()
-    rows = len(values) // 2
-    if any(math.isnan(value) for value in values[:rows]):
-        raise FloatingPointError(f"the model returned NaN logits at generation step {step}")
-    if not all(value > float("-inf") for value in values[rows:-1]):
-        raise RuntimeError(
-            f"no token left to choose at generation step {step}: every token of some row has score -inf "
-            "after the logits processors and truncation"
-        )
+    values = torch.cat([*(v.float() for v in row_values), extra.reshape(1).float()]).tolist()
+    if not all(value > float("-inf") for value in values[:-1]):
+        raise explain()
     return int(values[-1])
+
+
+def _processor_name(processor: Processor) -> str:
+    return getattr(processor, "name", None) or getattr(processor, "__name__", None) or type(processor).__name__
+
+
+def _explain(step: int, logits: torch.Tensor, processors: Sequence[Processor], history: torch.LongTensor,
+             prompt_index: torch.LongTensor, options: DecodeOptions, *, normalise: bool) -> Exception:
+    """Why step ``step`` failed, blaming the first stage whose output holds the fault: the model (NaN logits),
+    a logits processor (NaN scores), the temperature (scores overflowed to inf), or the scores themselves
+    (+inf, or no token left)."""
+    if bool(logits.isnan().any()):
+        return FloatingPointError(f"the model returned NaN logits at generation step {step}")
+    scores = torch.log_softmax(logits.float(), dim=-1) if normalise else logits.clone()
+    for processor in processors:
+        scores = processor(history, scores, prompt_index)
+        if bool(scores.isnan().any()):
+            return FloatingPointError(f"the logits processor {_processor_name(processor)} returned NaN scores at "
+                                      f"generation step {step}")
+    if options.do_sample and options.temperature != 1.0:
+        overflowed = apply_temperature(scores, options.temperature).isinf() & scores.isfinite()
+        if bool(overflowed.any()):
+            return FloatingPointError(
+                f"temperature={options.temperature!r} overflows the scores to inf at generation step {step} "
+                "(scores / temperature); use a larger temperature, or greedy search")
+    if options.do_sample and bool((scores == float("inf")).any()):
+        return FloatingPointError(f"a score is +inf at generation step {step}: sampling needs finite scores")
+    return RuntimeError(
+        f"no token left to choose at generation step {step}: every token of some row has score -inf "
+        "after the logits processors and truncation"
+    )
 
 
 def _sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -168,15 +199,94 @@ class Refill:
         return self.admit(count)
 
 
-def _uniforms(table: torch.Tensor, drawn: int, upto: int, generator: torch.Generator | None) -> int:
-    """Fill rows ``drawn .. upto - 1`` of ``table [L, N]``, one ``torch.rand(N)`` per decoding step, in order.
+class Uniforms:
+    """The uniform numbers sampling draws, one ``torch.rand(N)`` per decoding step over all ``N`` output rows
+    of a ``generate`` call, drawn in step order into a table that doubles as the decode gets longer.
 
-    Row ``t`` holds the number each output row uses at its ``t``-th generated token, however the batch is
-    composed: dropping finished rows or admitting new prompts never changes what any row samples.
+    Output row ``r`` uses ``table[t, r]`` for its ``t``-th generated token, however the batch is composed:
+    dropping finished rows, admitting new prompts, or decoding the prompts in chunks (each chunk a view
+    :meth:`rows_from` its first row) never changes what any row samples.
     """
-    for t in range(drawn, upto):
-        table[t] = torch.rand(table.shape[1], generator=generator, device=table.device)
-    return max(drawn, upto)
+
+    def __init__(self, rows: int, *, generator: torch.Generator | None, device: torch.device | str) -> None:
+        self.rows, self.generator, self.first_row = rows, generator, 0
+        self._shared = {"table": torch.empty(0, rows, device=device), "drawn": 0}
+
+    def rows_from(self, first_row: int) -> "Uniforms":
+        """The same numbers, row 0 being output row ``first_row`` of this view."""
+        view = object.__new__(Uniforms)
+        view.rows, view.generator, view._shared = self.rows, self.generator, self._shared
+        view.first_row = self.first_row + first_row
+        return view
+
+    def take(self, steps: torch.LongTensor, rows: torch.LongTensor, *, upto: int) -> torch.Tensor:
+        """``[n]`` the numbers of ``rows`` (of this view) at their ``steps``, all of which are below ``upto``."""
+        table, drawn = self._shared["table"], self._shared["drawn"]
+        if upto > table.shape[0]:
+            grown = table.new_empty(max(upto, 2 * table.shape[0], min(upto, FIRST_CAPACITY)), self.rows)
+            grown[:drawn] = table[:drawn]
+            self._shared["table"] = table = grown
+        for t in range(drawn, upto):
+            table[t] = torch.rand(self.rows, generator=self.generator, device=table.device)
+        self._shared["drawn"] = max(drawn, upto)
+        return table[steps, rows + self.first_row]
+
+
+class PromptNoise:
+    """Beam sampling's noise, from one random stream per prompt (seeded once from the call's generator), so
+    a prompt's beams draw the same numbers whichever prompts decode next to it (chunks included)."""
+
+    def __init__(self, prompts: int, *, generator: torch.Generator | None, device: torch.device | str) -> None:
+        seeds = torch.randint(0, 2**62, (prompts,), generator=generator, device=generator.device if generator else "cpu")
+        self._seeds, self._device, self.first_prompt = seeds.tolist(), torch.device(device), 0
+        self._streams: dict[int, torch.Generator] = {}
+
+    def prompts_from(self, first_prompt: int) -> "PromptNoise":
+        """The same streams, prompt 0 being prompt ``first_prompt`` of this view."""
+        view = object.__new__(PromptNoise)
+        view._seeds, view._device, view._streams = self._seeds, self._device, self._streams
+        view.first_prompt = self.first_prompt + first_prompt
+        return view
+
+    def draw(self, prompts: torch.LongTensor, size: int) -> torch.Tensor:
+        """``[A, size]`` the next ``size`` uniform numbers of each prompt's stream."""
+        rows = []
+        for prompt in (prompts + self.first_prompt).tolist():
+            stream = self._streams.get(prompt)
+            if stream is None:
+                stream = self._streams[prompt] = torch.Generator(self._device).manual_seed(self._seeds[prompt])
+            rows.append(torch.rand(size, generator=stream, device=self._device))
+        return torch.stack(rows)
+
+
+def _widen(tensor: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """``tensor [..., w]`` -> ``[..., width]``, ``fill`` in the new columns (one copy)."""
+    wider = tensor.new_full((*tensor.shape[:-1], width), fill)
+    wider[..., : tensor.shape[-1]] = tensor
+    return wider
+
+
+def _grown_capacity(capacity: int, needed: int, cap: int) -> int:
+    """The next capacity in generated tokens once ``needed`` columns are needed: doubled, at most ``cap``."""
+    return min(cap, max(needed, 2 * capacity))
+
+
+def _check_vocab(model: StepModel, logits: torch.Tensor) -> None:
+    if logits.shape[-1] != int(model.vocab_size):
+        raise ValueError(f"the step model returned logits over {logits.shape[-1]} tokens but its vocab_size is "
+                         f"{model.vocab_size}: it could choose tokens outside the vocabulary")
+
+
+def _prefer_eos(scores: torch.Tensor, best: torch.Tensor, tokens: torch.LongTensor,
+                eos: torch.LongTensor | None) -> torch.LongTensor:
+    """Greedy's choice with an exact tie between eos and another best token broken toward eos (argmax takes
+    the lowest id): a self-terminating head whose ``p(eos)`` reaches 1/2 then stops within its bound even
+    where float32 rounds ``p(eos)`` and the top token's probability to the same number."""
+    if eos is None:
+        return tokens
+    ties = scores.index_select(1, eos) == best.unsqueeze(1)                # [B, E]
+    first_tied = eos[ties.to(torch.uint8).argmax(dim=1)]                   # [B]
+    return torch.where(ties.any(dim=1), first_tied, tokens)
 
 
 @dataclass(frozen=True)
@@ -218,6 +328,7 @@ def sample_search(
     progress: bool = False,
     refill: Refill | None = None,
     stream: StreamSink | None = None,
+    draws: Uniforms | None = None,
 ) -> SearchResult:
     """Greedy decoding or ancestral sampling (with the options' warpers), one row per output sequence.
 
@@ -229,20 +340,24 @@ def sample_search(
             criteria must be absent: rows are at different lengths). Every row gets the tokens it would get
             without it.
         stream: where each running row's token and each row's end go, step by step.
+        draws: the random numbers of these rows (a view of a whole call's, when it decodes in chunks);
+            drawn from ``options.generator`` for these rows alone when None.
     """
     if refill is not None and (processors or options.stopping_criteria or not options.drop_finished):
         raise ValueError("refilling rows needs drop_finished and no logits processors or stopping criteria (rows "
                          "are at different lengths)")
+    _check_vocab(model, logits)
     expand, max_new = options.num_return_sequences, options.max_new_tokens
     device, prefix_len = prefix.device, prefix.shape[1]
     n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
     n_rows = n_prompts * expand
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
-    out = prefix.new_full((n_rows, prefix_len + max_new), options.pad_token_id)
+    capacity = min(max_new, FIRST_CAPACITY)  # generated columns held; doubles when a row outgrows it
+    out = prefix.new_full((n_rows, prefix_len + capacity), options.pad_token_id)
     lengths = torch.full((n_rows,), max_new, dtype=torch.long, device=device)
     terminated = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    table = torch.empty(max_new, n_rows, device=device) if options.do_sample else None
-    drawn = 0
+    if options.do_sample and draws is None:
+        draws = Uniforms(n_rows, generator=options.generator, device=device)
     score_record, logit_record = _records(options)
 
     logits, state, active = _start(model, logits, state, prefix, first_row=0, expand=expand, out=out)
@@ -250,20 +365,28 @@ def sample_search(
     alive = None if options.drop_finished else torch.ones(n_running, dtype=torch.bool, device=device)
     prompt_index = torch.div(active.rows, expand, rounding_mode="floor")   # [n_active], follows active.rows
     bar = _progress(max_new, progress) if refill is None else _progress(n_rows, progress, unit="seq")
+    whole_batch = True  # the state holds every output row, in order
     step = 0
     while True:
+        if step == capacity:
+            capacity = _grown_capacity(capacity, step + 1, max_new)
+            out = _widen(out, prefix_len + capacity, options.pad_token_id)
+            active = replace(active, work=_widen(active.work, prefix_len + capacity, options.pad_token_id))
+        history = active.work[:, :prefix_len + step]
         if logit_record is not None:  # before the processors: a min-length ban may write into the logits
             logit_record.add(active.rows, active.steps, logits)
-        scores = _warp(_apply(processors, active.work[:, :prefix_len + step], logits, prompt_index), options, eos)
+        processed = _apply(processors, history, logits, prompt_index)
+        scores = _warp(processed, options, eos)
         if score_record is not None:
             score_record.add(active.rows, active.steps, scores)
         if options.do_sample:
-            drawn = _uniforms(table, drawn, min(step + 1, max_new), options.generator)
-            tokens, best = _sample_rows(scores, table[active.steps, active.rows])
+            checks = [logits.amax(dim=-1)] + ([processed.amax(dim=-1)] if processors else [])
+            tokens, mass = _sample_rows(scores, draws.take(active.steps, active.rows, upto=step + 1))
+            checks.append(mass)
         else:
-            best, tokens = scores.max(dim=-1)
-        # max propagates NaN: without processors or warpers the scores' maxima double as the NaN check
-        raw_max = best if scores is logits and not options.do_sample else logits.amax(dim=-1)
+            best, tokens = scores.max(dim=-1)   # max propagates NaN: the maxima double as the NaN check
+            tokens = _prefer_eos(scores, best, tokens, eos)
+            checks = [best] if scores is logits else [logits.amax(dim=-1), best]
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
         active.work.scatter_(1, (prefix_len + active.steps).unsqueeze(1), tokens.unsqueeze(1))
@@ -274,10 +397,11 @@ def sample_search(
         finished = ended | capped if stopped is None else ended | capped | stopped
         if alive is not None:
             finished = finished & alive
+        n_finished = _check_step(step, checks, finished.sum(), lambda: _explain(
+            step, logits, processors, history, prompt_index, options, normalise=False))
         if stream is not None:
             running = slice(None) if alive is None else alive
             stream.step(active.rows[running], tokens[running], _end_codes(ended, capped, stopped)[running])
-        n_finished = _check_step(step, raw_max, best, finished.sum())
         bar.update(1 if refill is None else n_finished)
         if n_finished:
             gone = finished.nonzero().squeeze(1)
@@ -290,6 +414,7 @@ def sample_search(
             elif n_running:
                 keep = (~finished).nonzero().squeeze(1)
                 active, tokens, state = active.take(keep), tokens[keep], model.select(state, keep)
+                whole_batch = False
         if n_running:
             logits, state = model.step(tokens, state)
         count = refill.due(n_running, expand) if refill is not None else 0
@@ -303,6 +428,7 @@ def sample_search(
             else:
                 logits, state, active = new_logits, new_state, new_active
             n_running += count * expand
+            whole_batch = False
         elif not n_running:
             break
         prompt_index = torch.div(active.rows, expand, rounding_mode="floor") if expand > 1 else active.rows
@@ -310,6 +436,7 @@ def sample_search(
     bar.close()
     width = prefix_len + int(lengths.max()) if n_rows else prefix_len
     return SearchResult(sequences=out[:, :width], lengths=lengths, terminated=terminated, scores=None,
+                        state=state if whole_batch else None,
                         step_scores=None if score_record is None else score_record.assemble(n_rows),
                         step_logits=None if logit_record is None else logit_record.assemble(n_rows))
 
@@ -331,16 +458,17 @@ class _Beams:
     fin_parents: torch.Tensor    # [A, nb, W] the same for the finished hypotheses (W = 0: not tracked)
 
     @classmethod
-    def start(cls, prefix: torch.LongTensor, *, first_prompt: int, num_beams: int, max_new: int,
+    def start(cls, prefix: torch.LongTensor, *, first_prompt: int, num_beams: int, capacity: int,
               pad_token_id: int, track_parents: bool = False) -> "_Beams":
-        """Fresh beams for prompts ``first_prompt, first_prompt + 1, ...`` with ``prefix [A, P]``."""
+        """Fresh beams for prompts ``first_prompt, first_prompt + 1, ...`` with ``prefix [A, P]`` and room for
+        ``capacity`` generated tokens."""
         count, prefix_len = prefix.shape
         device = prefix.device
-        run_seq = prefix.new_full((count, num_beams, prefix_len + max_new), pad_token_id)
+        run_seq = prefix.new_full((count, num_beams, prefix_len + capacity), pad_token_id)
         run_seq[:, :, :prefix_len] = prefix[:, None, :]
         run_score = torch.zeros(count, num_beams, device=device)
         run_score[:, 1:] = _BIG_NEGATIVE  # one live beam per prompt until the first expansion
-        parents = torch.full((count, num_beams, max_new if track_parents else 0), -1, dtype=torch.int32,
+        parents = torch.full((count, num_beams, capacity if track_parents else 0), -1, dtype=torch.int32,
                              device=device)
         return cls(
             prompts=first_prompt + torch.arange(count, device=device), run_seq=run_seq, run_score=run_score,
@@ -357,6 +485,16 @@ class _Beams:
 
     def join(self, other: "_Beams") -> "_Beams":
         return _Beams(*(torch.cat([getattr(self, name), getattr(other, name)]) for name in self.__dataclass_fields__))
+
+    def widen(self, width: int, pad_token_id: int) -> None:
+        """Room for ``width`` columns (prefix + generated) in the running and finished hypotheses, and for
+        their parents where tracked."""
+        if self.run_parents.shape[-1]:
+            generated = self.run_parents.shape[-1] + width - self.run_seq.shape[-1]
+            self.run_parents = _widen(self.run_parents, generated, -1)
+            self.fin_parents = _widen(self.fin_parents, generated, -1)
+        self.run_seq = _widen(self.run_seq, width, pad_token_id)
+        self.fin_seq = _widen(self.fin_seq, width, pad_token_id)
 
 
 def _gather(tensor: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
@@ -383,6 +521,7 @@ def beam_search(
     progress: bool = False,
     refill: Refill | None = None,
     stream: StreamSink | None = None,
+    draws: PromptNoise | None = None,
 ) -> SearchResult:
     """Beam search (or beam sampling with ``do_sample``) with transformers' scoring and stopping rules.
 
@@ -391,7 +530,8 @@ def beam_search(
     best running beam at its current length cannot beat the worst finished one, "never" uses the maximum
     length for that bound when ``length_penalty > 0``. A prompt that is done leaves the batch; with
     ``refill`` (not with sampling, processors or stopping criteria) the next prompts take its rows. ``stream``
-    gets each prompt's returned sequences when it is done.
+    gets each prompt's returned sequences when it is done. Beam sampling draws from ``draws`` (the prompts'
+    own random streams; made from ``options.generator`` when None).
 
     ``options.beam_rule == "papers"``: the self-terminating papers' rule instead. A prompt stops at the
     first step where one of its ``num_beams`` best candidates ends in eos and returns the best of those
@@ -402,9 +542,13 @@ def beam_search(
                                or not options.drop_finished):
         raise ValueError("refilling beams needs drop_finished, no sampling, no logits processors and no stopping "
                          "criteria")
+    _check_vocab(model, logits)
     nb, max_new = options.num_beams, options.max_new_tokens
+    capacity = min(max_new, FIRST_CAPACITY)  # generated columns held; doubles when a beam outgrows it
     prefix_len, device = prefix.shape[1], prefix.device
     n_prompts = prefix.shape[0] + (refill.prompts if refill is not None else 0)
+    if options.do_sample and draws is None:
+        draws = PromptNoise(n_prompts, generator=options.generator, device=device)
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
@@ -412,7 +556,7 @@ def beam_search(
 
     def start(logits, state, prefix, first_prompt):
         expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
-        beams = _Beams.start(prefix, first_prompt=first_prompt, num_beams=nb, max_new=max_new,
+        beams = _Beams.start(prefix, first_prompt=first_prompt, num_beams=nb, capacity=capacity,
                              pad_token_id=options.pad_token_id, track_parents=options.return_dict_in_generate)
         return logits[expand], model.select(state, expand), beams
 
@@ -423,22 +567,29 @@ def beam_search(
     bar = _progress(max_new, progress) if refill is None else _progress(n_prompts, progress, unit="prompt")
     step = 0
     while True:
+        if step == capacity:
+            capacity = _grown_capacity(capacity, step + 1, max_new)
+            beams.widen(prefix_len + capacity, options.pad_token_id)
         cur_len, n_active = prefix_len + step, beams.prompts.numel()
         history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]   # processors: never when refilling
+        beam_prompts = beams.prompts.repeat_interleave(nb)
         beam_rows, beam_steps = (beams.prompts[:, None] * nb + beam_slot).view(-1), beams.steps.repeat_interleave(nb)
         if logit_record is not None:
             logit_record.add(beam_rows, beam_steps, logits)
-        log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1),
-                           beams.prompts.repeat_interleave(nb))
-        log_probs = _warp(log_probs, options, eos)
+        log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1), beam_prompts)
+        checks = [log_probs.amax(dim=-1)]  # log_softmax spreads a NaN logit over its whole row
+        warped = _warp(log_probs, options, eos)
+        if warped is not log_probs:  # sampling's warpers or renormalize_logits
+            checks.append(warped.amax(dim=-1))
+        log_probs = warped
         if score_record is not None:
             score_record.add(beam_rows, beam_steps, log_probs)
         vocab = log_probs.shape[-1]
         accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
         if options.do_sample:
             # Gumbel top-k = sampling keep_k continuations without replacement; noise drawn for every prompt.
-            noise = torch.rand(n_prompts, nb * vocab, generator=options.generator, device=device)
-            keys = accumulated - torch.log(-torch.log(noise[beams.prompts].clamp_min(1e-20)))
+            uniform = draws.draw(beams.prompts, nb * vocab)
+            keys = accumulated - torch.log(-torch.log(uniform.clamp_min(1e-20)))
             top_index = keys.topk(keep_k, dim=-1).indices
             top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
             top_index = top_index.gather(1, order)
@@ -495,8 +646,8 @@ def beam_search(
             done = ~beams.open.squeeze(1) | hits.all(dim=-1)
         if options.early_stopping is True and not papers:
             done = done | beams.fin_flag.all(dim=-1)
-        best = log_probs.amax(dim=-1)  # log_softmax spreads a NaN logit over its whole row
-        n_done = _check_step(step, best, best, done.sum())
+        n_done = _check_step(step, checks, done.sum(), lambda: _explain(
+            step, logits, processors, history, beam_prompts, options, normalise=True))
         bar.update(1 if refill is None else n_done)
 
         rows = (run_parent + torch.arange(n_active, device=device)[:, None] * nb).view(-1)
@@ -547,17 +698,20 @@ def _collect_beams(results, n_prompts: int, options: DecodeOptions, eos, prefix_
     r = options.num_return_sequences
     prompts = torch.cat([p for p, _ in results])
     order = torch.argsort(prompts)
-    seq = torch.cat([b.fin_seq[:, :r] for _, b in results])[order].flatten(0, 1)     # [N, P + L]
+    width = max(b.fin_seq.shape[2] for _, b in results)  # storage grew during the decode: widen earlier ones
+    seq = torch.cat([_widen(b.fin_seq[:, :r], width, options.pad_token_id) for _, b in results])
+    seq = seq[order].flatten(0, 1)                                                     # [N, P + L]
     score = torch.cat([b.fin_score[:, :r] for _, b in results])[order].flatten()
     length = torch.cat([b.fin_len[:, :r] for _, b in results])[order].flatten()
-    parents = torch.cat([b.fin_parents[:, :r] for _, b in results])[order].flatten(0, 1)  # [N, W]
+    parents = torch.cat([_widen(b.fin_parents[:, :r], b.fin_parents.shape[2] + width - b.fin_seq.shape[2], -1)
+                         for _, b in results])[order].flatten(0, 1)                   # [N, W]
     assert prompts.numel() == n_prompts, "every prompt must finish exactly once"
     last = seq.gather(1, (prefix_len + length - 1).clamp_min(0)[:, None]).squeeze(1)
     terminated = torch.isin(last, eos) if eos is not None else torch.zeros_like(last, dtype=torch.bool)
     width = prefix_len + int(length.max())
     sequences = seq[:, :width].clone()
     beyond = torch.arange(width, device=seq.device)[None, :] >= (prefix_len + length)[:, None]
-    sequences[beyond] = options.pad_token_id
+    sequences[beyond] = options.beam_fill_token_id
     beam_indices = parents[:, :width - prefix_len] if options.return_dict_in_generate else None
     return SearchResult(sequences=sequences, lengths=length, terminated=terminated, scores=score,
                         beam_indices=beam_indices)

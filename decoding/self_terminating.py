@@ -401,6 +401,18 @@ class SelfTerminatingStepModel:
             self.inner.reserving(new_tokens), kind=self.kind, epsilon=self.epsilon, eos_token_id=self.eos_token_id
         )
 
+    def starting_with(self, decoder_start_token_id: int) -> SelfTerminatingStepModel:
+        """Encoder-decoders: the same head over the inner model started with ``decoder_start_token_id``."""
+        if not callable(getattr(self.inner, "starting_with", None)):
+            raise NotImplementedError(f"decoder_start_token_id: {type(self.inner).__name__} has no starting_with")
+        return SelfTerminatingStepModel(self.inner.starting_with(decoder_start_token_id), kind=self.kind,
+                                        epsilon=self.epsilon, eos_token_id=self.eos_token_id)
+
+    def model_cache(self, state: SelfTerminatingState) -> Any:
+        """The inner model's transformers cache, when it has one (None otherwise)."""
+        inner_cache = getattr(self.inner, "model_cache", None)
+        return inner_cache(state.inner) if callable(inner_cache) else None
+
     def _head(self, logits: torch.Tensor, head_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self_terminating_step(
             logits, head_state, kind=self.kind, epsilon=self.epsilon, eos_token_id=self.eos_token_id
