@@ -27,6 +27,7 @@ import contextlib
 import gzip
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -34,9 +35,9 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -51,6 +52,8 @@ __all__ = [
     "WIKITEXT2_SOURCES",
     "MULTI30K_SHA256",
     "MULTI30K_SOURCES",
+    "cache_root",
+    "settings_key",
     "default_cache_dir",
     "sha256_file",
     "locate_dataset",
@@ -141,10 +144,22 @@ MULTI30K_SOURCES = (
 # locating and downloading
 
 
+def cache_root() -> Path:
+    """``$CONSISTENT_DECODING_CACHE``, default ``~/.cache/consistent-decoding``: where the benchmarks keep
+    data, trained models and finished results (outside the repository)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding").expanduser()
+
+
+def settings_key(settings: Any) -> str:
+    """A short, stable hash of a settings dataclass (or a dict): the name of the cache folder holding the
+    numbers those settings decide."""
+    values = settings if isinstance(settings, dict) else asdict(settings)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def default_cache_dir() -> Path:
     """``$CONSISTENT_DECODING_CACHE/data``, default ``~/.cache/consistent-decoding/data``."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding"
-    return Path(root).expanduser() / "data"
+    return cache_root() / "data"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -45,6 +43,8 @@ from typing import Any
 
 import torch
 
+from benchmarks import data
+from benchmarks.data import settings_key
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
 from training.data import ParallelText, encode_parallel, read_parallel
@@ -139,10 +139,7 @@ TEST_FIELDS = ("test_pairs", "test_sets", "length_factor", "length_slack", "per_
 def cache_key(settings: Settings, *, fields: tuple[str, ...] | None = None) -> str:
     """Hash of the settings (of ``fields`` only, when given)."""
     values = asdict(settings)
-    if fields is not None:
-        values = {name: values[name] for name in fields}
-    text = json.dumps(values, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return settings_key(values if fields is None else {name: values[name] for name in fields})
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -388,11 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cache_root(args: argparse.Namespace, settings: Settings) -> Path:
-    if args.cache_dir is not None:
-        base = Path(args.cache_dir)
-    else:
-        base = Path(os.environ.get("CONSISTENT_DECODING_CACHE") or Path.home() / ".cache/consistent-decoding")
-        base = base / "mt_bleu"
+    base = Path(args.cache_dir) if args.cache_dir is not None else data.cache_root() / "mt_bleu"
     return base.expanduser() / cache_key(settings, fields=BASE_FIELDS)
 
 

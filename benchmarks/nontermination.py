@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -43,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.data import CACHE_ENV, add_data_arguments
+from benchmarks.data import add_data_arguments, cache_root, settings_key
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_smollm2 import SmolSettings
 from benchmarks.nontermination_words import WordModelSpec, WordSettings
@@ -146,13 +144,11 @@ def select(patterns: str | None, names: list[str], *, what: str) -> list[str]:
 
 
 def cache_key(settings: Settings) -> str:
-    text = json.dumps(asdict(settings), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return settings_key(settings)
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding"
-    return Path(root).expanduser() / "nontermination"
+    return cache_root() / "nontermination"
 
 
 @dataclass

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
-import os
 import random
 import shlex
 import sys
@@ -50,7 +48,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.data import CACHE_ENV, add_data_arguments
+from benchmarks.data import add_data_arguments, cache_root, settings_key
 from benchmarks.nontermination import format_epsilon
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
@@ -130,13 +128,11 @@ def all_models(settings: FrontierSettings) -> list[str]:
 
 
 def cache_key(settings: FrontierSettings) -> str:
-    text = json.dumps(asdict(settings), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return settings_key(settings)
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding"
-    return Path(root).expanduser() / "smollm2-frontier"
+    return cache_root() / "smollm2-frontier"
 
 
 def _say(message: str) -> None:

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from decoding.cli import main
-from tests.tiny_models import EOS, PAD, VOCAB, tiny_model
+from tests.tiny_models import VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
