@@ -58,6 +58,8 @@ __all__ = [
     "sha256_file",
     "locate_dataset",
     "add_data_arguments",
+    "add_run_arguments",
+    "set_threads",
     "Vocabulary",
     "split_sentences",
     "wikitext_sequences",
@@ -343,6 +345,28 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"directory containing wikitext-2/ and multi30k/ (e.g. ../shared/data); default ${DATA_ENV}, "
         f"else the cache {default_cache_dir()} (downloaded when missing)",
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, cache_dir: Path, out_dir: Path) -> None:
+    """The options every resumable benchmark shares: where the report and the cache go, the seed, which
+    models, threads, progress bars and report-only mode."""
+    parser.add_argument("--out", type=Path, default=out_dir, help="directory for the report")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {cache_dir}")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data sampling, training and decoding")
+    parser.add_argument("--models", default=None, help="comma-separated model names or globs (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and decode nothing: write the report from the cached results")
+
+
+def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    """Apply ``--threads`` (``parser.error`` below 1; None keeps torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        parser.error(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.data import add_data_arguments, cache_root, settings_key
+from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_smollm2 import SmolSettings
 from benchmarks.nontermination_words import WordModelSpec, WordSettings
@@ -364,15 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     tier.add_argument("--standard", action="store_true",
                       help="full vocabulary and training split, 1,000 prompts, word models: at most 3 h on 2 CPU cores")
     add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the report")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data sampling, training and decoding")
-    parser.add_argument("--models", default=None, help="comma-separated model names or globs (default: all)")
+    add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
     parser.add_argument("--decoders", default=None, help="comma-separated decoder names or globs (default: all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train and decode nothing: write the report from the cached results")
     parser.add_argument("--list", action="store_true", help="print the model and decoder names and exit")
     return parser
 
@@ -385,10 +378,7 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     args = parser.parse_args(argv)
     tier = "quick" if args.quick else "standard" if args.standard else "full"
     settings = replace(settings or {"quick": QUICK, "standard": STANDARD, "full": Settings()}[tier], seed=args.seed)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))
         print("decoders:", ", ".join(DECODERS))

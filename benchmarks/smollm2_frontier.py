@@ -36,7 +36,6 @@ second, resumed invocation.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import random
 import shlex
@@ -48,8 +47,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.data import add_data_arguments, cache_root, settings_key
-from benchmarks.nontermination import format_epsilon
+from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
+from benchmarks.nontermination import format_epsilon, select
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
 from training.mgs import MGSConfig, MGSStep
@@ -303,28 +302,11 @@ def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir:
     return result
 
 
-def select(patterns: str | None, names: list[str]) -> list[str]:
-    """Names matching comma-separated names or globs, in ``names`` order; ValueError naming the choices."""
-    if patterns is None:
-        return list(names)
-    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    for pattern in wanted or [""]:
-        if not fnmatch.filter(names, pattern):
-            raise ValueError(f"unknown model {pattern!r}; choose from {', '.join(names)} (globs allowed)")
-    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2_frontier",
                                      description="Perplexity vs r_L of SmolLM2 fine-tunes: vanilla, ST/NMST eps sweep, MGS.")
     add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for the report")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data sampling, fine-tuning order and decoding")
-    parser.add_argument("--models", default=None, help="comma-separated model names or globs (default: all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    parser.add_argument("--report-only", action="store_true", help="compute nothing: report what the cache holds")
+    add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
     return parser
 
@@ -337,15 +319,12 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = replace(settings or FrontierSettings(), seed=args.seed)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))
         raise SystemExit(0)
     try:
-        models = select(args.models, all_models(settings))
+        models = select(args.models, all_models(settings), what="models")
     except ValueError as error:
         parser.error(str(error))
     start = time.perf_counter()

@@ -9,21 +9,11 @@ from transformers import LogitsProcessor
 
 from decoding import custom_generate, generate, search
 from decoding.streaming import Piece
+from tests.test_streaming import check_pieces
 from tests.tiny_models import left_padded_prompts, tiny_model
 
 STRATEGIES = {"greedy": {}, "sample": {"do_sample": True, "top_k": 8, "num_return_sequences": 2},
               "beam": {"num_beams": 3, "num_return_sequences": 2}}
-
-
-def _check_pieces(pieces: list[Piece], out, prefix: int, cap: int) -> None:
-    """Each row's pieces concatenate to its returned tokens, with one end, on its last piece."""
-    assert {p.row for p in pieces} == set(range(out.sequences.shape[0]))
-    for row in range(out.sequences.shape[0]):
-        mine = [p for p in pieces if p.row == row]
-        length = int(out.lengths[row])
-        assert [t for p in mine for t in p.tokens] == out.sequences[row, prefix:prefix + length].tolist()
-        assert [p.end is not None for p in mine] == [False] * (len(mine) - 1) + [True]
-        assert mine[-1].end == ("eos" if out.terminated[row] else "cap" if length == cap else "stop")
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -35,7 +25,7 @@ def test_streaming_with_a_huge_cap_streams_what_is_generated(strategy):
     out = generate(model, ids, mask, max_new_tokens=10**7, return_dict_in_generate=True, stream=pieces.append,
                    generator=torch.Generator().manual_seed(0), **STRATEGIES[strategy])
     assert out.terminated.all() and out.lengths.max() < 500
-    _check_pieces(pieces, out, ids.shape[1], 10**7)
+    check_pieces(pieces, out, ids.shape[1], 10**7)
 
 
 @pytest.mark.parametrize("limit", [None, 6])
@@ -58,7 +48,7 @@ def test_growing_storage_keeps_pieces_scores_and_beam_indices(strategy, limit, m
     monkeypatch.setattr(search, "FIRST_CAPACITY", 3)
     grown, grown_pieces = run()
     assert whole.lengths.max() > 12  # past 3, 6 and 12 generated columns
-    _check_pieces(grown_pieces, grown, ids.shape[1], max_new)
+    check_pieces(grown_pieces, grown, ids.shape[1], max_new)
     assert sorted(whole_pieces, key=lambda p: p.row) == sorted(grown_pieces, key=lambda p: p.row)
     assert torch.equal(whole.sequences, grown.sequences)
     assert len(whole.scores) == len(grown.scores)
@@ -102,7 +92,7 @@ def test_papers_beam_rule_streams_its_returned_sequences(limit):
     common = dict(max_new_tokens=10, num_beams=3, beam_rule="papers", return_dict_in_generate=True)
     pieces: list[Piece] = []
     out = generate(model, ids, mask, stream=pieces.append, max_batch_size=limit, **common)
-    _check_pieces(pieces, out, ids.shape[1], 10)
+    check_pieces(pieces, out, ids.shape[1], 10)
     assert out.terminated.any()
     plain = generate(model, ids, mask, **common)
     assert torch.equal(out.sequences, plain.sequences)

@@ -33,7 +33,7 @@ def _inputs(kind: str, batch: int = 4):
     return ids, mask
 
 
-def _check_pieces(pieces: list[Piece], out, prefix: int) -> None:
+def check_pieces(pieces: list[Piece], out, prefix: int, cap: int = MAX_NEW) -> None:
     """Each row's pieces concatenate to its returned tokens; one end, on its last piece, with the right reason."""
     assert {p.row for p in pieces} == set(range(out.sequences.shape[0]))
     for row in range(out.sequences.shape[0]):
@@ -41,7 +41,7 @@ def _check_pieces(pieces: list[Piece], out, prefix: int) -> None:
         length = int(out.lengths[row])
         assert [t for p in mine for t in p.tokens] == out.sequences[row, prefix:prefix + length].tolist()
         assert [p.end is not None for p in mine] == [False] * (len(mine) - 1) + [True]
-        expected = "eos" if out.terminated[row] else "cap" if length == MAX_NEW else "stop"
+        expected = "eos" if out.terminated[row] else "cap" if length == cap else "stop"
         assert mine[-1].end == expected
 
 
@@ -54,7 +54,7 @@ def test_pieces_rebuild_every_row(kind, strategy, limit):
     pieces: list[Piece] = []
     out = generate(model, ids, mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True, stream=pieces.append,
                    max_batch_size=limit, generator=torch.Generator().manual_seed(0), **STRATEGIES[strategy])
-    _check_pieces(pieces, out, 1 if kind in ENCODER_DECODER else ids.shape[1])
+    check_pieces(pieces, out, 1 if kind in ENCODER_DECODER else ids.shape[1])
 
 
 def test_refill_streams_rows_as_they_come_and_go():
@@ -63,7 +63,7 @@ def test_refill_streams_rows_as_they_come_and_go():
     pieces: list[Piece] = []
     out = generate(model, ids, mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True, stream=pieces.append,
                    max_batch_size=3)
-    _check_pieces(pieces, out, ids.shape[1])
+    check_pieces(pieces, out, ids.shape[1])
     assert (out.lengths < MAX_NEW).any() and (out.lengths == MAX_NEW).any()
     first_piece_of = {row: min(i for i, p in enumerate(pieces) if p.row == row) for row in range(8)}
     first_end = min(i for i, p in enumerate(pieces) if p.end)
@@ -81,7 +81,7 @@ def test_piece_iterator_in_another_thread_and_custom_generate_stream():
     worker.start()
     received = list(pieces)
     worker.join()
-    _check_pieces(received, result["out"], ids.shape[1])
+    check_pieces(received, result["out"], ids.shape[1])
 
 
 class _Recorder(BaseStreamer):
