@@ -301,8 +301,8 @@ def _with_bounds(settings: Settings, records: dict[str, dict]) -> dict[str, dict
 
 def preflight(settings: Settings, models: list[str], data_dir: str | None) -> list[str]:
     """What the run will need and lacks (data files, packages, the SmolLM2 file), found in seconds."""
+    from benchmarks import nontermination_smollm2
     from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset
-    from decoding.pretrained import check_gguf_support, smollm2_path
 
     problems = []
     try:
@@ -311,11 +311,8 @@ def preflight(settings: Settings, models: list[str], data_dir: str | None) -> li
     except (OSError, ValueError) as error:
         problems.append(f"WikiText-2: {error}")
     if settings.smollm2 and any(name in models for name in smol_names(settings)):
-        for check in (check_gguf_support, smollm2_path):
-            try:
-                check()
-            except (ModuleNotFoundError, FileNotFoundError) as error:
-                problems.append(f"SmolLM2: {error} (or leave it out with --models 'rnn-*,lstm-*')")
+        for problem in nontermination_smollm2.smollm2_problems():
+            problems.append(f"SmolLM2: {problem} (or leave it out with --models 'rnn-*,lstm-*')")
     return problems
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "SmolSettings",
     "SmolData",
     "load_smollm2",
+    "smollm2_problems",
     "detokenize_wikitext",
     "load_smol_data",
     "Head",
@@ -60,6 +61,19 @@ __all__ = [
 ]
 
 CONTEXT_LEN = 10
+
+
+def smollm2_problems() -> list[str]:
+    """What :func:`load_smollm2` would lack on this machine (packages, the model file); empty when it loads."""
+    from decoding.pretrained import check_gguf_support, smollm2_path
+
+    problems = []
+    for check in (check_gguf_support, smollm2_path):
+        try:
+            check()
+        except (ModuleNotFoundError, FileNotFoundError) as error:
+            problems.append(str(error))
+    return problems
 
 
 def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -90,7 +90,12 @@ def test_standard_tier_smoke_on_a_few_sentences(tmp_path):
     table = (out / "tiny-standard.md").read_text()
     assert "beam 4, 6 validation pairs" in table and "ceil(0.5 × source tokens)" in table
     assert "| test_2018_flickr | mle @ base lr (" in table and "MGS − MLE (test_2016_flickr, beam 4)" in table
-    assert (out / "tiny-standard_val_bleu.png").stat().st_size > 0
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; CI installs only dev)
+    except ImportError:
+        assert "the validation-BLEU plot was skipped" in table
+    else:
+        assert (out / "tiny-standard_val_bleu.png").stat().st_size > 0
     cached = sorted((tmp_path / "cache").glob("*/finetune-*/*-seed0/result.json"))
     assert len(cached) == 5
     stamps = [path.stat().st_mtime_ns for path in cached]

@@ -150,6 +150,7 @@ def test_a_run_that_cannot_load_smollm2_fails_before_training(monkeypatch) -> No
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     problems = nt.preflight(nt.QUICK, nt.all_models(nt.QUICK), str(DATA))
     assert any("accelerate" in problem for problem in problems)
+    assert any(problem.startswith("SmolLM2:") for problem in problems)
     assert nt.preflight(nt.QUICK, ["rnn-vanilla"], str(DATA)) == [] or not (DATA / "wikitext-2").is_dir()
     with pytest.raises(ModuleNotFoundError, match="accelerate"):
         pretrained.check_gguf_support()
