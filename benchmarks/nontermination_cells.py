@@ -228,20 +228,22 @@ def decode_cell(
     import time
 
     sets = sample_sets if decoder.sampled else 1
+    device = next(model.parameters()).device  # a host generator: the same draws on every device
     generator = torch.Generator().manual_seed(cell_seed(seed, model_name, decoder.name))
     config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     start = time.perf_counter()
     chunks, flags = [], []
     for first in range(0, prompts.shape[0], batch_size):
-        input_ids = prompts[first : first + batch_size]
+        input_ids = prompts[first : first + batch_size].to(device)
         out = generate(
             model, input_ids, torch.ones_like(input_ids), generation_config=config, consistent=decoder.consistent,
             generator=generator, progress=progress, max_new_tokens=max_new_tokens, min_new_tokens=0,
             num_return_sequences=sets, return_dict_in_generate=True, **decoder.options,
         )  # fmt: skip
         generated = out.sequences[:, input_ids.shape[1] :]
-        chunks.append(torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id))
-        flags.append(out.terminated)
+        padded = torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id)
+        chunks.append(padded.cpu())
+        flags.append(out.terminated.cpu())
     # chunk-major rows: prompt-major within a chunk, so the sets interleave the same way throughout
     generated, terminated = torch.cat(chunks), torch.cat(flags)
     metrics = cell_metrics(

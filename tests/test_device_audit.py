@@ -10,16 +10,25 @@ Host-side work that is meant to run on the CPU (batch collation, the data order)
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.nontermination_cells import DECODERS, decode_cell
 from decoding.generate import generate
 from decoding.models import rnn_lm
+from training.data import encode_parallel, read_parallel
+from training.evaluate import translate
 from training.lm import collate_lm_batch, model_loss, train_lm
+from training.loop import LoopConfig, train
 from training.mgs import MGSConfig, MGSStep
+from training.models import Seq2SeqSize, build_seq2seq
 from training.prompt_costs import PromptTask, PromptTaskBatch, Prompts, mean_cost
+from training.steps import MRTStep, PGStep
+from training.task import Seq2SeqTask
+from training.tokenizer import train_tokenizer
 
 from .tiny_models import EOS, PAD, VOCAB, left_padded_prompts, tiny_model
 
@@ -99,3 +108,33 @@ def test_mgs_step_creates_no_tensor_off_the_models_device():
         logs = step(model, batch, optimizer, generator=torch.Generator().manual_seed(0))
     assert 0.0 <= logs["cost_before"] <= 1.0
     assert not torch.equal(before, model.transformer.wte.weight)
+
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+
+
+@pytest.mark.parametrize("method", ["mrt", "pg", "mgs"])
+def test_seq2seq_training_loop_and_translation_stay_on_the_models_device(method):
+    text = read_parallel(MULTI30K / "train.de", MULTI30K / "train.en").head(16)
+    tokenizer = train_tokenizer(list(text.sources + text.targets), vocab_size=120)
+    data = encode_parallel(text, tokenizer, max_length=12)
+    model = build_seq2seq(tokenizer, Seq2SeqSize(d_model=16, layers=1, heads=2, ffn_dim=32), seed=0)
+    task = Seq2SeqTask(tokenizer, cost="bleu", strategy="sample")
+    step = {"mrt": MRTStep(task, mle_probability=0.0), "pg": PGStep(task, mle_probability=0.0),
+            "mgs": MGSStep(task, MGSConfig(num_candidates=2))}[method]
+    config = LoopConfig(batch_size=4, max_updates=2, seed=0, progress=False)
+    with _default_device_elsewhere():
+        result = train(model, step, data, torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+        translations = translate(model, tokenizer, list(text.sources[:3]), num_beams=2, per_row_cap=True)
+    assert result.updates == 2 and len(translations.texts) == 3
+
+
+def test_the_benchmarks_cell_decode_stays_on_the_models_device():
+    torch.manual_seed(0)
+    model = rnn_lm(VOCAB, eos_token_id=EOS, pad_token_id=PAD, head="nmst", epsilon=1e-2, hidden_size=16).eval()
+    prompts = torch.randint(3, VOCAB, (4, 3))
+    with _default_device_elsewhere():
+        cell = decode_cell(model, prompts, model_name="rnn", decoder=DECODERS["consistent-top-k-2"], eos_token_id=EOS,
+                           pad_token_id=PAD, max_new_tokens=6, reference_lengths=[3, 4, 5, 6], sample_sets=2,
+                           seed=0, batch_size=3, progress=False)
+    assert cell.prompts == 4 and cell.sample_sets == 2
