@@ -204,6 +204,14 @@ def cell_seed(seed: int, model: str, decoder: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{model}/{decoder}".encode())) % (2**63)
 
 
+def _model_device(model: Any) -> torch.device:
+    """Where ``model``'s parameters are; the CPU for a step model without any."""
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
 def decode_cell(
     model: Any,
     prompts: torch.Tensor,
@@ -228,7 +236,7 @@ def decode_cell(
     import time
 
     sets = sample_sets if decoder.sampled else 1
-    device = next(model.parameters()).device  # a host generator: the same draws on every device
+    device = _model_device(model)
     generator = torch.Generator().manual_seed(cell_seed(seed, model_name, decoder.name))
     config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     start = time.perf_counter()
