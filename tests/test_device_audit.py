@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -25,7 +26,7 @@ from training.lm import collate_lm_batch, model_loss, train_lm
 from training.loop import LoopConfig, train
 from training.mgs import MGSConfig, MGSStep
 from training.models import Seq2SeqSize, build_seq2seq
-from training.prompt_costs import PromptTask, PromptTaskBatch, Prompts, mean_cost
+from training.prompt_costs import Prompts, PromptTask, PromptTaskBatch, mean_cost
 from training.steps import MRTStep, PGStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import benchmarks.mt_bleu as mt_bleu
 import benchmarks.nontermination as nt
+from benchmarks import mt_bleu
 from benchmarks.devices import resolve_device, training_autocast
 
 
