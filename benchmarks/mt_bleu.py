@@ -45,6 +45,7 @@ import torch
 
 from benchmarks import data
 from benchmarks.data import settings_key
+from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
 from training.data import ParallelText, encode_parallel, read_parallel
@@ -119,6 +120,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["size"] = Seq2SeqSize(d_model=32, layers=1, heads=2, ffn_dim=64)
     if args.bf16 is not None:
         overrides["base_bf16"], overrides["finetune_bf16"] = args.bf16 in ("base", "all"), args.bf16 == "all"
+    device = resolve_device(args.device)
+    for name in ("base_bf16", "finetune_bf16"):
+        tier_choice = "bfloat16" if overrides.get(name, getattr(settings, name)) else None
+        overrides[name] = training_autocast(args.dtype, device, tier=tier_choice) == "bfloat16"
     mgs = {field: getattr(args, f"mgs_{field}") for field in ("num_candidates", "sigma", "alpha", "mle_share",
                                                               "importance")
            if getattr(args, f"mgs_{field}") is not None}
@@ -221,7 +226,8 @@ def base_tokenizer(folder: Path, train_text: ParallelText, settings: Settings):
     return tokenizer
 
 
-def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool) -> dict:
+def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool,
+               device: torch.device | str = "cpu") -> dict:
     """Train the MLE base model into ``root/base/model`` (reused when it is already there).
 
     Stops at the first of: the plateau rule (if the settings have one), ``base_seconds`` of update time,
@@ -235,7 +241,7 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
         return json.loads(info_path.read_text())
     tokenizer = base_tokenizer(base / "tokenizer", splits["train"], settings)
     torch.manual_seed(settings.base_seed)   # dropout draws from the global generator (restored on resume)
-    model = build_seq2seq(tokenizer, settings.size, seed=settings.base_seed)
+    model = build_seq2seq(tokenizer, settings.size, seed=settings.base_seed).to(device)
     data = encode_parallel(splits["train"], tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = inverse_sqrt(settings.base_warmup)
@@ -267,12 +273,13 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
     return info
 
 
-def evaluate_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool) -> dict:
+def evaluate_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool,
+                  device: torch.device | str = "cpu") -> dict:
     path = root / "base" / f"test-{cache_key(settings, fields=TEST_FIELDS)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     model, tokenizer = load_seq2seq(root / "base" / "model")
-    scores = evaluate_test(model, tokenizer, splits, settings, progress=progress)
+    scores = evaluate_test(model.to(device), tokenizer, splits, settings, progress=progress)
     write_json(path, scores)
     return scores
 
@@ -292,7 +299,7 @@ def make_step(method: str, task: Seq2SeqTask, settings: Settings):
 
 
 def finetune(root: Path, base: dict, method: str, seed: int, splits: dict[str, ParallelText],
-             settings: Settings, *, progress: bool) -> dict:
+             settings: Settings, *, progress: bool, device: torch.device | str = "cpu") -> dict:
     """One fine-tuning run from the base model; cached in
     ``root/finetune-<settings hash>/<method>-seed<seed>/result.json``.
 
@@ -305,6 +312,7 @@ def finetune(root: Path, base: dict, method: str, seed: int, splits: dict[str, P
         return json.loads(result_path.read_text())
     torch.manual_seed(seed)
     model, tokenizer = load_seq2seq(root / "base" / "model")
+    model = model.to(device)
     task = Seq2SeqTask(tokenizer, cost="bleu", label_smoothing=settings.label_smoothing)
     step = make_step(method, task, settings)
     lr = base["continue_lr"] if method == RATE_CONTROL else settings.finetune_lr
@@ -370,6 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", choices=("off", "base", "all"), default=None,
                         help="bfloat16 autocast for the updates of the base only, or of every run (evaluation "
                         "always in float32; default: base with --standard, else off)")
+    add_device_arguments(parser)
     parser.add_argument("--mgs-num-candidates", type=_positive(int), default=None, help="K (default 4)")
     parser.add_argument("--mgs-sigma", type=_positive(float), default=None, help="noise scale (default 1.0)")
     parser.add_argument("--mgs-alpha", type=_positive(float), default=None, help="inverse temperature (default 100)")
@@ -381,6 +390,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seeds: need at least one seed")
     if args.mgs_mle_share is not None and not 0.0 <= args.mgs_mle_share <= 1.0:
         parser.error(f"--mgs-mle-share must be in [0, 1], got {args.mgs_mle_share}")
+    if args.bf16 is not None and args.dtype != "auto":
+        parser.error("--bf16 and --dtype both set the training precision: give one")
+    try:
+        training_autocast(args.dtype, resolve_device(args.device), tier=None)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -427,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
+    device = resolve_device(args.device)
     _, tier_seeds, tier_methods = TIERS[tier_name(args)]
     seeds = args.seeds if args.seeds is not None else list(tier_seeds)
     methods = args.methods if args.methods is not None else list(tier_methods)
@@ -437,8 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     primary = settings.test_sets[0]
     print(f"[mt_bleu] cache {root}; train {len(splits['train'])} pairs, val {len(splits['val'])}, test "
           + ", ".join(f"{s} {len(splits[s])}" for s in settings.test_sets), flush=True)
-    base = train_base(root, splits, settings, progress=progress)
-    base = {**base, "test_sets": evaluate_base(root, splits, settings, progress=progress)}
+    base = train_base(root, splits, settings, progress=progress, device=device)
+    base = {**base, "test_sets": evaluate_base(root, splits, settings, progress=progress, device=device)}
     base["test"] = base["test_sets"][primary]
     print(f"[mt_bleu] base: {base['stop_reason']} after {base['updates']} updates, val {base['best_val_bleu']:.2f}, "
           f"{primary} greedy {base['test']['greedy']['bleu']:.2f}, beam4 {base['test']['beam4']['bleu']:.2f}",
@@ -446,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for seed in seeds:
         for method in methods:
-            record = finetune(root, base, method, seed, splits, settings, progress=progress)
+            record = finetune(root, base, method, seed, splits, settings, progress=progress, device=device)
             print(f"[mt_bleu] {method} seed {seed}: {record['updates']} updates, {primary} greedy "
                   f"{record['test']['greedy']['bleu']:.2f}, beam4 {record['test']['beam4']['bleu']:.2f}",
                   flush=True)

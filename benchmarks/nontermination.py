@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
+from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_smollm2 import SmolSettings
 from benchmarks.nontermination_words import WordModelSpec, WordSettings
@@ -186,7 +187,8 @@ def _decode_missing(
 
 
 def _run_words(
-    settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool
+    settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool,
+    device: torch.device,
 ) -> None:
     from benchmarks.nontermination_words import load_word_data, train_or_load_word_model
 
@@ -212,7 +214,7 @@ def _run_words(
         (root / "models").mkdir(parents=True, exist_ok=True)
         model, record = train_or_load_word_model(
             spec, words, data, folder=root / "models", seed=settings.seed, progress=progress,
-            max_new_tokens=settings.word_max_new_tokens, batch_size=settings.batch_prompts,
+            max_new_tokens=settings.word_max_new_tokens, batch_size=settings.batch_prompts, device=device,
         )  # fmt: skip
         _say(f"[model] {spec.name}: valid ppl {record['valid_perplexity']:.1f}, test ppl "
              f"{record['test_perplexity']:.1f} ({record['train_seconds'] / 60:.1f} min)")  # fmt: skip
@@ -260,10 +262,12 @@ def run_benchmark(
     decoders: list[str],
     progress: bool = True,
     compute: bool = True,
+    device: torch.device | str = "cpu",
 ) -> RunResult:
     """Train / fine-tune / decode whatever the cache lacks for ``models`` x ``decoders``; gather results.
 
     ``compute=False`` only gathers what the cache holds (``missing`` then lists the cells not run).
+    ``device``: where the word models train and decode (not part of the cache key).
     """
     root = Path(cache_dir) / cache_key(settings)
     (root / "cells").mkdir(parents=True, exist_ok=True)
@@ -271,7 +275,8 @@ def run_benchmark(
     (root / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
     smol_decoders = [d for d in decoders if d in settings.smol_decoders]
     if compute:
-        _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress)
+        _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress,
+                   device=torch.device(device))
     if compute and smol_decoders and any(name in models for name in smol_names(settings)):
         _run_smollm2(settings, models, smol_decoders, root=root, data_dir=data_dir, progress=progress)
     result = RunResult(settings)
@@ -363,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
     parser.add_argument("--decoders", default=None, help="comma-separated decoder names or globs (default: all)")
+    add_device_arguments(parser)
     parser.add_argument("--list", action="store_true", help="print the model and decoder names and exit")
     return parser
 
@@ -375,6 +381,12 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     args = parser.parse_args(argv)
     tier = "quick" if args.quick else "standard" if args.standard else "full"
     settings = replace(settings or {"quick": QUICK, "standard": STANDARD, "full": Settings()}[tier], seed=args.seed)
+    try:
+        device = resolve_device(args.device)
+        autocast = training_autocast(args.dtype, device, tier=settings.words.autocast)
+    except ValueError as error:
+        parser.error(str(error))
+    settings = replace(settings, words=replace(settings.words, autocast=autocast))
     set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))
@@ -387,12 +399,15 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         parser.error(str(error))
     if not args.report_only:
         problems = preflight(settings, models, args.data_dir)
+        if device.type != "cpu" and settings.smollm2 and any(name in models for name in smol_names(settings)):
+            problems.append(f"--device {device}: the SmolLM2 cells run on the CPU only for now; select the word "
+                            "models with --models, or use --device cpu")
         if problems:
             parser.error("cannot start, nothing was trained:\n  - " + "\n  - ".join(problems))
     start = time.perf_counter()
     result = run_benchmark(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
                            models=models, decoders=decoders, progress=not args.no_progress,
-                           compute=not args.report_only)  # fmt: skip
+                           compute=not args.report_only, device=device)  # fmt: skip
     wall = time.perf_counter() - start
     command = "python -m benchmarks.nontermination " + shlex.join(argv if argv is not None else sys.argv[1:])
     env = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

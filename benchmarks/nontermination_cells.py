@@ -204,6 +204,14 @@ def cell_seed(seed: int, model: str, decoder: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{model}/{decoder}".encode())) % (2**63)
 
 
+def _model_device(model: Any) -> torch.device:
+    """Where ``model``'s parameters are; the CPU for a step model without any."""
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
 def decode_cell(
     model: Any,
     prompts: torch.Tensor,
@@ -228,20 +236,22 @@ def decode_cell(
     import time
 
     sets = sample_sets if decoder.sampled else 1
+    device = _model_device(model)
     generator = torch.Generator().manual_seed(cell_seed(seed, model_name, decoder.name))
     config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     start = time.perf_counter()
     chunks, flags = [], []
     for first in range(0, prompts.shape[0], batch_size):
-        input_ids = prompts[first : first + batch_size]
+        input_ids = prompts[first : first + batch_size].to(device)
         out = generate(
             model, input_ids, torch.ones_like(input_ids), generation_config=config, consistent=decoder.consistent,
             generator=generator, progress=progress, max_new_tokens=max_new_tokens, min_new_tokens=0,
             num_return_sequences=sets, return_dict_in_generate=True, **decoder.options,
         )  # fmt: skip
         generated = out.sequences[:, input_ids.shape[1] :]
-        chunks.append(torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id))
-        flags.append(out.terminated)
+        padded = torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id)
+        chunks.append(padded.cpu())
+        flags.append(out.terminated.cpu())
     # chunk-major rows: prompt-major within a chunk, so the sets interleave the same way throughout
     generated, terminated = torch.cat(chunks), torch.cat(flags)
     metrics = cell_metrics(

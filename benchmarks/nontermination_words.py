@@ -173,8 +173,9 @@ def greedy_probe(
     """``(model, epoch) -> {greedy_nontermination, greedy_mean_length, greedy_distinct}`` on ``prompts``."""
 
     def probe(model: RecurrentLM, epoch: int) -> dict[str, float]:
+        on_device = prompts.to(next(model.parameters()).device)
         out = generate(
-            model, prompts, torch.ones_like(prompts), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            model, on_device, torch.ones_like(on_device), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, do_sample=False, num_beams=1, return_dict_in_generate=True,
             max_batch_size=batch_size,
         )  # fmt: skip
@@ -249,7 +250,7 @@ def _start_from_vanilla(start: Path, checkpoint_dir: Path) -> None:
 
 def train_or_load_word_model(
     spec: WordModelSpec, settings: WordSettings, data: WordData, *, folder: Path, seed: int, progress: bool,
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, device: torch.device | str = "cpu",
 ) -> tuple[RecurrentLM, dict]:  # fmt: skip
     """Train ``spec`` (resuming from ``folder``'s checkpoint) or load it; returns the model in eval mode
     and its record (perplexities, per-epoch history, training tokens, seconds).
@@ -259,9 +260,9 @@ def train_or_load_word_model(
     """
     weights, record_path = folder / f"{spec.name}.pt", folder / f"{spec.name}.json"
     if weights.is_file() and record_path.is_file():
-        return load_recurrent_lm(weights).eval(), json.loads(record_path.read_text())
+        return load_recurrent_lm(weights).to(device).eval(), json.loads(record_path.read_text())
     torch.manual_seed(seed)
-    model = build_word_model(spec, settings, data.vocab, data.target_counts)
+    model = build_word_model(spec, settings, data.vocab, data.target_counts).to(device)
     checkpoint_dir = folder / f"{spec.name}.ckpt"
     shared = settings.head_epochs is not None and settings.head_epochs < settings.epochs
     if shared and spec.head != "vanilla":

@@ -226,8 +226,9 @@ class Uniforms:
             grown = table.new_empty(max(upto, 2 * table.shape[0], min(upto, FIRST_CAPACITY)), self.rows)
             grown[:drawn] = table[:drawn]
             self._shared["table"] = table = grown
-        for t in range(drawn, upto):
-            table[t] = torch.rand(self.rows, generator=self.generator, device=table.device)
+        source = table.device if self.generator is None else self.generator.device  # a host generator: same
+        for t in range(drawn, upto):                                                 # numbers on any device
+            table[t] = torch.rand(self.rows, generator=self.generator, device=source)
         self._shared["drawn"] = max(drawn, upto)
         return table[steps, rows + self.first_row]
 

@@ -48,7 +48,7 @@ Cost = Callable[[Decoded], torch.Tensor]
 def bleu_cost(decoded: Decoded) -> torch.Tensor:
     """``[N]``: 1 - sentence BLEU / 100 of each detokenised hypothesis against its reference."""
     scores = [sentence_bleu(hyp, ref) for hyp, ref in zip(decoded.texts, decoded.references)]
-    return 1.0 - torch.tensor(scores, dtype=torch.float) / 100.0
+    return 1.0 - torch.tensor(scores, dtype=torch.float, device=decoded.hypotheses.tokens.device) / 100.0
 
 
 def nontermination_cost(decoded: Decoded) -> torch.Tensor:
@@ -67,7 +67,7 @@ def repetition_cost(decoded: Decoded) -> torch.Tensor:
     hyps = decoded.hypotheses
     rows = [row[: int(length) - int(done)] for row, length, done
             in zip(hyps.tokens.tolist(), hyps.lengths, hyps.terminated)]
-    return torch.tensor([seq_rep_n(row, n=4) for row in rows], dtype=torch.float)
+    return torch.tensor([seq_rep_n(row, n=4) for row in rows], dtype=torch.float, device=hyps.tokens.device)
 
 
 COSTS: dict[str, Cost] = {

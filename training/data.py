@@ -120,17 +120,17 @@ class Batch:
 
 def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.LongTensor, torch.LongTensor]:
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")  # host batch, moved per step
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
         mask[i, : len(row)] = 1
     return ids, mask
 
 
 def _to_left_padding(ids: torch.LongTensor, mask: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
     shift = (mask.shape[1] - mask.sum(1))[:, None]                       # [B, 1] padding per row
-    index = (torch.arange(mask.shape[1])[None, :] - shift) % mask.shape[1]
+    index = (torch.arange(mask.shape[1], device=mask.device)[None, :] - shift) % mask.shape[1]
     return ids.gather(1, index), mask.gather(1, index)
 
 
@@ -157,11 +157,11 @@ def epoch_batches(data: EncodedParallel, *, batch_size: int, epoch: int, seed: i
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(data.source_ids), generator=generator).tolist()
+    order = torch.randperm(len(data.source_ids), generator=generator, device="cpu").tolist()
     bucket = batch_size * bucket_factor
     batches: list[list[int]] = []
     for start in range(0, len(order), bucket):
         chunk = sorted(order[start: start + bucket], key=lambda i: len(data.source_ids[i]))
         batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
-    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    shuffle = torch.randperm(len(batches), generator=generator, device="cpu").tolist()
     return [batches[i] for i in shuffle]

@@ -94,5 +94,6 @@ def decode(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: 
     sequences = output.sequences if hasattr(output, "sequences") else output
     tokens = _generated_part(model, sequences, input_ids.shape[1])
     lengths, terminated = _lengths(tokens, eos_token_id)
-    tokens = tokens.masked_fill(torch.arange(tokens.shape[1])[None, :] >= lengths[:, None], pad_token_id)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)  # [L]
+    tokens = tokens.masked_fill(positions[None, :] >= lengths[:, None], pad_token_id)
     return Hypotheses(tokens=tokens, lengths=lengths, terminated=terminated)

@@ -58,13 +58,14 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
             encoded = tokenizer([sources[i] for i in chunk], add_special_tokens=False, truncation=True,
                                 max_length=max_length - 1)["input_ids"]
             width = max(len(row) for row in encoded) + 1
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long, device="cpu")
             mask = torch.zeros_like(ids)
             for row, tokens in enumerate(encoded):
-                ids[row, : len(tokens) + 1] = torch.tensor(tokens + [tokenizer.eos_token_id])
+                ids[row, : len(tokens) + 1] = torch.tensor(tokens + [tokenizer.eos_token_id], device="cpu")
                 mask[row, : len(tokens) + 1] = 1
             caps = _row_caps(mask, length_factor, length_slack, length_cap)
-            hyps = decode(model, ids, mask, max_new_tokens=max(caps),
+            device = next(model.parameters()).device
+            hyps = decode(model, ids.to(device), mask.to(device), max_new_tokens=max(caps),
                           strategy="beam" if num_beams > 1 else "greedy", num_beams=num_beams,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           generate_fn=generate_fn)
@@ -82,10 +83,10 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
 
 def _cut_to_row_caps(hyps: Hypotheses, caps: list[int], pad_token_id: int) -> Hypotheses:
     """Rows longer than their cap (``caps`` ``[N]``) are cut there and marked non-terminated."""
-    caps_tensor = torch.tensor(caps, dtype=torch.long)                             # [N]
+    caps_tensor = torch.tensor(caps, dtype=torch.long, device=hyps.lengths.device)  # [N]
     over = hyps.lengths > caps_tensor
     lengths = torch.where(over, caps_tensor, hyps.lengths)
-    positions = torch.arange(hyps.tokens.shape[1])[None, :]
+    positions = torch.arange(hyps.tokens.shape[1], device=hyps.tokens.device)[None, :]
     tokens = hyps.tokens.masked_fill(positions >= lengths[:, None], pad_token_id)  # [N, L]
     return Hypotheses(tokens=tokens, lengths=lengths, terminated=hyps.terminated & ~over)
 

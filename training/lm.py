@@ -91,15 +91,15 @@ def collate_lm_batch(
     if context_lengths is not None and len(context_lengths) != len(sequences):
         raise ValueError(f"context_lengths must have one entry per sequence ({len(sequences)})")
     width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device="cpu")  # host batch
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
     for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long, device="cpu")
         attention_mask[row, : len(sequence)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     if context_lengths is not None:
-        positions = torch.arange(width).unsqueeze(0)  # [1, T]
-        labels = labels.masked_fill(positions < torch.as_tensor(list(context_lengths)).unsqueeze(1), -100)
+        positions = torch.arange(width, device="cpu").unsqueeze(0)  # [1, T]
+        labels = labels.masked_fill(positions < torch.as_tensor(list(context_lengths), device="cpu").unsqueeze(1), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -338,7 +338,8 @@ def train_lm(
     while not state.finished and state.epoch < epochs:
         for group in optimizer.param_groups:
             group["lr"] = state.learning_rate
-        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(seed + state.epoch))
+        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(seed + state.epoch),
+                               device="cpu")  # the batch order is drawn on the host, whatever the device
         description = f"epoch {state.epoch + 1}/{epochs}"
         train_loss = _train_epoch(
             model, optimizer, train_batches, order=order, clip=clip, description=description, progress=progress,

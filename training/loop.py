@@ -193,7 +193,7 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
                          "config.validate_at_start=True")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
     result = TrainResult()
     if state_path is not None and state_path.is_file():
         result = _restore_state(state_path, model, optimizer, scheduler, step, generator)
@@ -235,7 +235,7 @@ def _run_epochs(model, step, data, optimizer, scheduler, config, generator, resu
             return reason
         batches = epoch_batches(data, batch_size=config.batch_size, epoch=result.epoch, seed=config.seed)
         while result.batch_index < len(batches):
-            batch = make_batch(data, batches[result.batch_index])
+            batch = make_batch(data, batches[result.batch_index]).to(next(model.parameters()).device)
             started, started_cpu = time.perf_counter(), time.process_time()
             logs = _update(model, step, batch, optimizer, config, generator)
             if scheduler is not None:

@@ -168,7 +168,7 @@ def candidate_costs(model: torch.nn.Module, task: SequenceTask, batch: Batch, ca
 
 
 def _gaussian_log_density(delta: Params, centre: Params | None, scales: dict[str, float]) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(delta.values())).device)
     for name, d in delta.items():
         scale = scales[name]
         if scale <= 0:

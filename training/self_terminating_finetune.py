@@ -188,7 +188,8 @@ def fit_eos_row(model: Any, batches: Sequence[dict[str, torch.Tensor]], *, kind:
     if bias is not None:
         features = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
     gram = features.T @ features
-    ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12) * identity
     solution = torch.linalg.solve(gram + ridge, features.T @ target)
     layer.weight[eos_token_id] = solution[: layer.weight.shape[1]].to(layer.weight.dtype)
     if bias is not None:
@@ -282,7 +283,7 @@ def finetune_self_terminating(
     bar = tqdm(range(steps), desc=f"fine-tune {kind} eps={epsilon:g}", disable=not progress)
     for _ in bar:
         if not order:
-            order = torch.randperm(len(batches), generator=generator).tolist()
+            order = torch.randperm(len(batches), generator=generator, device="cpu").tolist()  # host-side order
         batch = batches[order.pop()]
         loss = result(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       labels=batch["labels"].to(device)).loss  # fmt: skip

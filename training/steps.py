@@ -79,7 +79,8 @@ class _SampledStep:
 
     def __call__(self, model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, *,
                  generator: torch.Generator | None = None) -> dict[str, float]:
-        if float(torch.rand((), generator=generator)) < self.mle_probability:
+        device = generator.device if generator is not None else next(model.parameters()).device
+        if float(torch.rand((), generator=generator, device=device)) < self.mle_probability:
             return {**self._mle(model, batch, optimizer), "mle_substep": 1.0}
         decoded, costs = self.task.sample(model, batch, num_samples=self.num_samples, generator=generator)
         costs = costs.view(len(batch), self.num_samples)                    # [B, K]
