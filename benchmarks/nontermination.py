@@ -16,7 +16,7 @@
    seq-rep-4, and for sampled decoders the spread over independent sample sets.
 
 Tiers: ``--quick`` (the README's first command, 48 minutes measured on 2 CPU cores: 10k-word vocabulary,
-two epochs over 1M tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, at most 3 hours
+two epochs over 1M tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, target at most 3 hours
 there: the full vocabulary and training split, 1,000 test prompts; results set next to the papers'), and
 the default, paper-size settings (40 epochs, every test sentence: days on a CPU). L is never reduced.
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     tier = parser.add_mutually_exclusive_group()
     tier.add_argument("--quick", action="store_true", help="10k vocabulary, 2 epochs, 400 prompts, SmolLM2: about 48 min on 2 CPU cores")
     tier.add_argument("--standard", action="store_true",
-                      help="full vocabulary and training split, 1,000 prompts, word models: at most 3 h on 2 CPU cores")
+                      help="full vocabulary and training split, 1,000 prompts, word models (target: at most 3 h on 2 CPU cores; not yet measured)")
     add_data_arguments(parser)
     add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
     parser.add_argument("--decoders", default=None, help="comma-separated decoder names or globs (default: all)")
