@@ -190,18 +190,15 @@ def _run_words(
     settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool,
     device: torch.device,
 ) -> None:
-    from benchmarks.nontermination_words import load_word_data, train_or_load_word_model
-
-    from benchmarks.nontermination_words import vanilla_start
+    from benchmarks.nontermination_words import load_word_data, train_or_load_word_model, vanilla_start
 
     data = None
     words = settings.words
-    shared_epochs = words.head_epochs is not None and words.head_epochs < words.epochs
     for spec in word_specs(settings):
         missing = [d for d in decoders if not (root / "cells" / f"{spec.name}__{d}.json").is_file()]
         done = not missing and (root / "models" / f"{spec.name}.json").is_file()
         # a head model trained at equal compute starts from the vanilla model's checkpoint
-        needed_as_start = (spec.head == "vanilla" and shared_epochs
+        needed_as_start = (spec.head == "vanilla" and words.shares_epochs
                            and not vanilla_start(root / "models", spec.cell).is_file()
                            and any(s.cell == spec.cell and s.name in models and s.head != "vanilla"
                                    and not (root / "models" / f"{s.name}.json").is_file() for s in word_specs(settings)))

@@ -34,6 +34,7 @@ import torch
 from benchmarks.data import Vocabulary, load_wikitext, pad_context, split_context
 from decoding.generate import generate
 from decoding.models import RecurrentLM, load_recurrent_lm, lstm_lm, rnn_lm, save_recurrent_lm
+from training.checkpoint import atomic_save
 from training.lm import LAST_CHECKPOINT, collate_lm_batch, evaluate_perplexity, train_lm
 
 __all__ = ["WordSettings", "WordData", "WordModelSpec", "load_word_data", "train_or_load_word_model",
@@ -69,6 +70,11 @@ class WordSettings:
     head_epochs: int | None = None  # None: every head trains from scratch; k: see the module docstring
     valid_prompts: int = 1000  # validation contexts decoded greedily after every epoch (0: none)
     autocast: str | None = None  # "bfloat16": train under torch.autocast (evaluation stays in float32)
+
+    @property
+    def shares_epochs(self) -> bool:
+        """ST / NMST models start from the vanilla model's checkpoint (equal compute, see the module)."""
+        return self.head_epochs is not None and self.head_epochs < self.epochs
 
 
 @dataclass(frozen=True)
@@ -239,13 +245,10 @@ def _start_from_vanilla(start: Path, checkpoint_dir: Path) -> None:
     the head's own epochs decide which weights are kept."""
     if (checkpoint_dir / LAST_CHECKPOINT).is_file():
         return
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     payload = torch.load(start, map_location="cpu", weights_only=True)
     payload["history"] = {**payload["history"], "best_epoch": None, "best_valid_perplexity": float("inf")}
     payload["bad_epochs"] = 0
-    tmp = checkpoint_dir / (LAST_CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, checkpoint_dir / LAST_CHECKPOINT)
+    atomic_save(payload, checkpoint_dir / LAST_CHECKPOINT)
 
 
 def train_or_load_word_model(
@@ -264,7 +267,7 @@ def train_or_load_word_model(
     torch.manual_seed(seed)
     model = build_word_model(spec, settings, data.vocab, data.target_counts).to(device)
     checkpoint_dir = folder / f"{spec.name}.ckpt"
-    shared = settings.head_epochs is not None and settings.head_epochs < settings.epochs
+    shared = settings.shares_epochs
     if shared and spec.head != "vanilla":
         start = vanilla_start(folder, spec.cell)
         if not start.is_file():
