@@ -263,11 +263,55 @@ def top_p_keep(scores: torch.Tensor, top_p: float, *, min_tokens_to_keep: int = 
     min_tokens_to_keep = _check_int("min_tokens_to_keep", min_tokens_to_keep, low=1)
     if top_p == 1.0:
         return _all_kept(scores)
+    keep, unsure = _top_p_from_head(scores, top_p, min_tokens_to_keep)
+    if unsure.any():
+        keep[unsure] = _top_p_by_sort(scores[unsure], top_p, min_tokens_to_keep)
+    return keep
+
+
+def _top_p_by_sort(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.BoolTensor:
+    """The rule itself, on a full ascending sort (as TopPLogitsWarper computes it)."""
     ascending, order = torch.sort(scores, dim=-1)  # [B, V]
     mass_below = ascending.softmax(dim=-1).cumsum(dim=-1)
     keep_sorted = mass_below > 1.0 - top_p
     keep_sorted[:, -min_tokens_to_keep:] = True  # our own fresh tensor
     return _unsort(keep_sorted, order)
+
+
+# A nucleus rarely holds more than a few dozen tokens, and a full sort of a 30k-50k vocabulary dominates the
+# step. The head of each row (its top ``_HEAD`` tokens) settles the row when the decision is clear-cut: a
+# token is kept iff the mass strictly above it is < top_p, and a row is settled when the head already holds a
+# dropped token, no head token lies within ``_MARGIN`` of the threshold (the full sort's rounding differs
+# from the head's by ~1e-7) and no tie straddles the boundary. Unsettled rows take the full sort, so the
+# mask is the full sort's on every row.
+_HEAD = 128
+_MARGIN = 1e-5
+
+
+def _top_p_from_head(
+    scores: torch.Tensor, top_p: float, min_tokens_to_keep: int
+) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+    """(keep mask, rows left unsettled); unsettled rows' mask is left all False."""
+    batch, vocab = scores.shape
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if scores.dtype not in (torch.float32, torch.float64) or vocab <= _HEAD or min_tokens_to_keep >= _HEAD:
+        return keep, torch.ones(batch, dtype=torch.bool, device=scores.device)
+    head_scores, head_ids = torch.topk(scores, _HEAD, dim=-1)  # [B, H], descending
+    head_probs = (head_scores - scores.logsumexp(dim=-1, keepdim=True)).exp().double()
+    mass_above = head_probs.cumsum(dim=-1) - head_probs  # exclusive: mass strictly above each head token
+    kept = mass_above < top_p
+    kept[:, :min_tokens_to_keep] = True
+    last_kept = kept.sum(dim=-1, keepdim=True) - 1  # [B, 1]; kept is a prefix
+    boundary_tie = head_scores.gather(-1, last_kept) == head_scores.gather(-1, (last_kept + 1).clamp(max=_HEAD - 1))
+    unsure = (
+        kept[:, -1]  # no dropped token in the head
+        | ((mass_above - top_p).abs() <= _MARGIN).any(dim=-1)
+        | boundary_tie.squeeze(-1)
+        | ~torch.isfinite(mass_above).all(dim=-1)
+    )
+    keep.scatter_(-1, head_ids, kept)
+    keep[unsure] = False
+    return keep, unsure
 
 
 def min_p_keep(scores: torch.Tensor, min_p: float, *, min_tokens_to_keep: int = 1) -> torch.BoolTensor:

@@ -149,6 +149,28 @@ def test_top_p_keeps_the_token_that_crosses() -> None:
     assert top_p_keep(scores, 0.85).tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "masked", "steep"])
+def test_top_p_on_large_vocabularies_is_transformers_rule(kind: str) -> None:
+    # above 128 tokens top_p_keep settles most rows from their top 128 and sorts only the rest
+    from decoding.transforms import _top_p_from_head
+
+    generator = torch.Generator().manual_seed(sum(map(ord, kind)))
+    scores = torch.randn(48, 3000, generator=generator) * {"peaked": 4.0, "flat": 0.3, "steep": 12.0}.get(kind, 3.0)
+    if kind == "ties":
+        scores = (scores * 2).round() / 2
+    if kind == "masked":
+        scores[:, ::2] = -math.inf
+    settled = 0
+    for top_p in (0.05, 0.2, 0.4, 0.9):
+        for keep_min in (1, 3):
+            keep = top_p_keep(scores, top_p, min_tokens_to_keep=keep_min)
+            theirs = hf_call(hf.TopPLogitsWarper(top_p, min_tokens_to_keep=keep_min), scores)
+            assert_same_scores(mask_scores(scores, keep), theirs)
+            settled += int((~_top_p_from_head(scores, top_p, keep_min)[1]).sum())
+    if kind != "flat":  # the head does settle rows (else the fast path would be dead code)
+        assert settled > 0
+
+
 def test_exact_boundaries_match_transformers() -> None:
     uniform = torch.zeros(1, 4)  # p = 0.25 each, cumulative masses exact in float32
     for top_p, kept in ((0.5, 2), (0.75, 3), (0.25, 1)):
