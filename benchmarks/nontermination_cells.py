@@ -230,8 +230,11 @@ def decode_cell(
 ) -> CellResult:
     """Decode ``prompts [N, P]`` (unpadded, all of length ``P``) with one decoder and score the result.
 
-    Prompts go through in chunks of ``batch_size``; a sampled decoder draws ``sample_sets`` continuations
-    per prompt in the same call. The generator is seeded from ``seed`` and the cell's names.
+    A sampled decoder takes the prompts in chunks of ``batch_size`` and draws ``sample_sets`` continuations
+    per prompt in the same call, from a generator seeded from ``seed`` and the cell's names. Greedy and beam
+    search take all prompts in one call with continuous batching (``max_batch_size`` = ``batch_size``
+    prompts' rows): a finished prompt's rows are refilled at once instead of idling until the chunk's
+    longest row ends, with the tokens each prompt gets on its own.
     """
     import time
 
@@ -241,12 +244,14 @@ def decode_cell(
     config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     start = time.perf_counter()
     chunks, flags = [], []
-    for first in range(0, prompts.shape[0], batch_size):
-        input_ids = prompts[first : first + batch_size].to(device)
+    chunk = batch_size if decoder.sampled else prompts.shape[0]
+    refill = None if decoder.sampled else batch_size * decoder.options.get("num_beams", 1)
+    for first in range(0, prompts.shape[0], chunk):
+        input_ids = prompts[first : first + chunk].to(device)
         out = generate(
             model, input_ids, torch.ones_like(input_ids), generation_config=config, consistent=decoder.consistent,
             generator=generator, progress=progress, max_new_tokens=max_new_tokens, min_new_tokens=0,
-            num_return_sequences=sets, return_dict_in_generate=True, **decoder.options,
+            num_return_sequences=sets, return_dict_in_generate=True, max_batch_size=refill, **decoder.options,
         )  # fmt: skip
         generated = out.sequences[:, input_ids.shape[1] :]
         padded = torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,24 @@ def test_word_models_start_from_the_unigram_distribution_of_their_targets() -> N
     with torch.no_grad():  # a zero hidden state predicts exactly that distribution
         probs = torch.softmax(model.output(torch.zeros(1, 4)), dim=-1)
     torch.testing.assert_close(probs[0], (counts + 1.0) / (counts + 1.0).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["greedy", "beam-2", "beam-4"])
+def test_a_search_cell_does_not_depend_on_the_batch_size(decoder: str) -> None:
+    """Greedy and beam cells refill finished prompts' rows (continuous batching): the numbers must be those
+    of small batches, on a random RNN whose rows stop at different steps (some never)."""
+    from benchmarks.nontermination_cells import DECODERS
+    from decoding.models import rnn_lm
+
+    torch.manual_seed(0)
+    model = rnn_lm(40, eos_token_id=2, pad_token_id=0, hidden_size=16).eval()
+    with torch.no_grad():  # scaled into a chaotic regime: rows stop at many different steps, some never
+        for parameter in model.parameters():
+            parameter.mul_(3.0)
+    prompts = torch.randint(3, 40, (24, 4), generator=torch.Generator().manual_seed(1))
+    cells = [decode_cell(model, prompts, model_name="rnn", decoder=DECODERS[decoder], eos_token_id=2, pad_token_id=0,
+                         max_new_tokens=40, reference_lengths=[5] * 24, sample_sets=1, seed=0, batch_size=size,
+                         progress=False) for size in (3, 24)]  # fmt: skip
+    small, whole = (asdict(cell) | {"seconds": 0.0} for cell in cells)
+    assert small == whole
+    assert 0.0 < small["nontermination"][0] < 1.0 and len(set(small["lengths"])) > 2
