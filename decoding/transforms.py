@@ -297,7 +297,7 @@ def _top_p_from_head(
     if scores.dtype not in (torch.float32, torch.float64) or vocab <= _HEAD or min_tokens_to_keep >= _HEAD:
         return keep, torch.ones(batch, dtype=torch.bool, device=scores.device)
     head_scores, head_ids = torch.topk(scores, _HEAD, dim=-1)  # [B, H], descending
-    head_probs = (head_scores - scores.logsumexp(dim=-1, keepdim=True)).exp().double()
+    head_probs = scores.softmax(dim=-1).gather(-1, head_ids).double()  # (logsumexp is ~10x slower on CPU)
     mass_above = head_probs.cumsum(dim=-1) - head_probs  # exclusive: mass strictly above each head token
     kept = mass_above < top_p
     kept[:, :min_tokens_to_keep] = True
