@@ -85,6 +85,11 @@ class DecodeOptions:
         return self.num_beams > 1
 
     @property
+    def rows_per_prompt(self) -> int:
+        """Rows one prompt takes in the batch: its beams, or its returned sequences."""
+        return self.num_beams if self.is_beam_search else self.num_return_sequences
+
+    @property
     def beam_fill_token_id(self) -> int:
         """What beam search writes after a hypothesis' eos: transformers' ``pad_token_id or eos_token_id[0]``,
         so a pad id of 0 gives eos (its quirk, matched so the output tensors are the same)."""

@@ -19,7 +19,8 @@ from .records import StepRecord
 from .streaming import StreamSink
 from .transforms import apply_temperature, truncate
 
-__all__ = ["SearchResult", "Refill", "Uniforms", "PromptNoise", "sample_search", "beam_search", "Processor"]
+__all__ = ["SearchResult", "Refill", "Uniforms", "PromptNoise", "sample_search", "beam_search", "Processor",
+           "refill_blocker"]
 
 # A logits processor inside the loop: (history [B, T], scores [B, V], prompt_index [B]) -> scores [B, V].
 # prompt_index says which prompt each row decodes, so processors with per-prompt data (e.g. how much left
@@ -199,6 +200,28 @@ class Refill:
         return self.admit(count)
 
 
+def refill_blocker(options: DecodeOptions, *, batch_wide_processors: bool) -> str | None:
+    """Why finished rows cannot be refilled with new prompts in this call, or None when they can.
+
+    The one place this is decided. Refilled rows are at different lengths, so nothing may read the batch as
+    one (logits processors, stopping criteria); finished rows must leave the batch (``drop_finished``); and
+    beam sampling decodes its prompts in chunks instead.
+    """
+    if not options.drop_finished:
+        return "drop_finished=False keeps finished rows in the batch"
+    if batch_wide_processors or options.stopping_criteria:
+        return "logits processors and stopping criteria need every row at the same length"
+    if options.is_beam_search and options.do_sample:
+        return "beam sampling decodes its prompts in chunks"
+    return None
+
+
+def _check_refill(refill: Refill | None, options: DecodeOptions, processors: Sequence[Processor]) -> None:
+    blocker = None if refill is None else refill_blocker(options, batch_wide_processors=bool(processors))
+    if blocker is not None:
+        raise ValueError(f"refill: rows cannot be refilled here: {blocker}")
+
+
 class Uniforms:
     """The uniform numbers sampling draws, one ``torch.rand(N)`` per decoding step over all ``N`` output rows
     of a ``generate`` call, drawn in step order into a table that doubles as the decode gets longer.
@@ -344,9 +367,7 @@ def sample_search(
         draws: the random numbers of these rows (a view of a whole call's, when it decodes in chunks);
             drawn from ``options.generator`` for these rows alone when None.
     """
-    if refill is not None and (processors or options.stopping_criteria or not options.drop_finished):
-        raise ValueError("refilling rows needs drop_finished and no logits processors or stopping criteria (rows "
-                         "are at different lengths)")
+    _check_refill(refill, options, processors)
     _check_vocab(model, logits)
     expand, max_new = options.num_return_sequences, options.max_new_tokens
     device, prefix_len = prefix.device, prefix.shape[1]
@@ -539,10 +560,7 @@ def beam_search(
     finished hypotheses by their summed log-probability (no length penalty); a prompt with none by
     ``max_new_tokens`` returns its best running beam, unfinished.
     """
-    if refill is not None and (processors or options.stopping_criteria or options.do_sample
-                               or not options.drop_finished):
-        raise ValueError("refilling beams needs drop_finished, no sampling, no logits processors and no stopping "
-                         "criteria")
+    _check_refill(refill, options, processors)
     _check_vocab(model, logits)
     nb, max_new = options.num_beams, options.max_new_tokens
     capacity = min(max_new, FIRST_CAPACITY)  # generated columns held; doubles when a beam outgrows it
