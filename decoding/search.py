@@ -571,7 +571,6 @@ def beam_search(
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
-    papers = options.beam_rule == "papers"
 
     def start(logits, state, prefix, first_prompt):
         expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
@@ -589,82 +588,24 @@ def beam_search(
         if step == capacity:
             capacity = _grown_capacity(capacity, step + 1, max_new)
             beams.widen(prefix_len + capacity, options.pad_token_id)
-        cur_len, n_active = prefix_len + step, beams.prompts.numel()
-        history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]   # processors: never when refilling
+        n_active = beams.prompts.numel()
+        history = beams.run_seq.reshape(n_active * nb, -1)[:, :prefix_len + step]  # processors: never when refilling
         beam_prompts = beams.prompts.repeat_interleave(nb)
         beam_rows, beam_steps = (beams.prompts[:, None] * nb + beam_slot).view(-1), beams.steps.repeat_interleave(nb)
         if logit_record is not None:
             logit_record.add(beam_rows, beam_steps, logits)
-        log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1), beam_prompts)
-        checks = [log_probs.amax(dim=-1)]  # log_softmax spreads a NaN logit over its whole row
-        warped = _warp(log_probs, options, eos)
-        if warped is not log_probs:  # sampling's warpers or renormalize_logits
-            checks.append(warped.amax(dim=-1))
-        log_probs = warped
+        log_probs, checks = _beam_log_probs(logits, processors, history, beam_prompts, options, eos)
         if score_record is not None:
             score_record.add(beam_rows, beam_steps, log_probs)
-        vocab = log_probs.shape[-1]
-        accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
-        if options.do_sample:
-            # Gumbel top-k = sampling keep_k continuations without replacement; noise drawn for every prompt.
-            uniform = draws.draw(beams.prompts, nb * vocab)
-            keys = accumulated - torch.log(-torch.log(uniform.clamp_min(1e-20)))
-            top_index = keys.topk(keep_k, dim=-1).indices
-            top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
-            top_index = top_index.gather(1, order)
-        else:
-            top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
-        parent, token = top_index // vocab, top_index % vocab
-        cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
-        column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
-        cand_seq.scatter_(2, column, token.unsqueeze(-1))
-        cand_parents = _gather(beams.run_parents, parent)                     # [A, K, W]
-        if cand_parents.shape[-1]:
-            cand_parents.scatter_(2, beams.steps[:, None, None].expand(-1, keep_k, 1),
-                                  parent.unsqueeze(-1).to(cand_parents.dtype))
+        top_lp, parent, token = _top_candidates(log_probs, beams, keep_k, options=options, draws=draws)
+        cand_seq, cand_parents = _extend(beams, parent, token, prefix_len=prefix_len)
         generated = beams.steps + 1                                           # [A] length after this token
         hits = _is_eos(token, eos) | (generated >= max_new)[:, None]
         if options.stopping_criteria:  # candidates judged as transformers judges them (no scores)
-            hits = hits | _stopped(options, cand_seq[:, :, :cur_len + 1].reshape(n_active * keep_k, -1),
+            hits = hits | _stopped(options, cand_seq[:, :, :prefix_len + step + 1].reshape(n_active * keep_k, -1),
                                    None).view(n_active, keep_k)
-
-        # Running beams for the next step: the best nb candidates that did not finish.
-        running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
-        next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
-        beams.run_seq = _gather(cand_seq, next_index)
-        beams.run_score = _gather(running_lp, next_index)
-        beams.run_parents = _gather(cand_parents, next_index)
-        run_parent = _gather(parent, next_index)
-
-        # Finished list: candidates among the top nb that just finished, if they beat the current ones.
-        just = hits & top_nb[None, :]
-        fin_cand = top_lp if papers else top_lp / _length_divisor(generated, options.length_penalty)
-        full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
-        fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
-        fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
-        fin_cand = fin_cand + (~just) * _BIG_NEGATIVE
-        merged_score = torch.cat([beams.fin_score, fin_cand], dim=1)
-        best = merged_score.topk(nb, dim=-1).indices
-        beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
-        beams.fin_score = _gather(merged_score, best)
-        beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
-        beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(token)], dim=1), best)
-        beams.fin_parents = _gather(torch.cat([beams.fin_parents, cand_parents], dim=1), best)
-        beams.steps = generated
-
-        # Can the best running beam still beat the worst finished one?
-        never = options.early_stopping == "never" and options.length_penalty > 0.0
-        best_len = torch.full_like(generated, max_new) if never else generated
-        best_running = beams.run_score[:, :1] / _length_divisor(best_len, options.length_penalty)
-        worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values,
-                                     _BIG_NEGATIVE)
-        beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        if papers:  # stop at the first step where one of the nb best candidates ends in eos, or at L
-            done = (_is_eos(token, eos) & top_nb[None, :]).any(dim=-1) | hits.all(dim=-1)
-        else:
-            done = ~beams.open.squeeze(1) | hits.all(dim=-1)
-        if options.early_stopping is True and not papers:
-            done = done | beams.fin_flag.all(dim=-1)
+        run_parent = _advance(beams, top_lp, parent, cand_seq, cand_parents, hits, top_nb, options=options)
+        done = _prompts_done(beams, token, hits, top_nb, options=options, eos=eos)
         n_done = _check_step(step, checks, done.sum(), lambda: _explain(
             step, logits, processors, history, beam_prompts, options, normalise=True))
         bar.update(1 if refill is None else n_done)
@@ -697,6 +638,99 @@ def beam_search(
     collected = _collect_beams(results, n_prompts, options, eos, prefix_len)
     return replace(collected, step_scores=None if score_record is None else score_record.assemble(n_prompts * nb),
                    step_logits=None if logit_record is None else logit_record.assemble(n_prompts * nb))
+
+
+def _beam_log_probs(logits: torch.Tensor, processors: Sequence[Processor], history: torch.LongTensor,
+                    beam_prompts: torch.LongTensor, options: DecodeOptions,
+                    eos: torch.LongTensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``[A x nb, V]`` the beams' processed (and, when sampling, warped) log-probabilities, and the row
+    maxima :func:`_check_step` checks."""
+    log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1), beam_prompts)
+    checks = [log_probs.amax(dim=-1)]  # log_softmax spreads a NaN logit over its whole row
+    warped = _warp(log_probs, options, eos)
+    if warped is not log_probs:  # sampling's warpers or renormalize_logits
+        checks.append(warped.amax(dim=-1))
+    return warped, checks
+
+
+def _top_candidates(log_probs: torch.Tensor, beams: _Beams, keep_k: int, *, options: DecodeOptions,
+                    draws: PromptNoise | None) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
+    """The ``keep_k`` best continuations of each prompt's beams, best first: ``(summed log-probability,
+    parent beam, token)``, each ``[A, K]``. Beam sampling draws them without replacement instead (Gumbel
+    top-k), with noise from each prompt's own stream."""
+    n_active, nb, vocab = beams.prompts.numel(), options.num_beams, log_probs.shape[-1]
+    accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
+    if options.do_sample:
+        uniform = draws.draw(beams.prompts, nb * vocab)
+        keys = accumulated - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        top_index = keys.topk(keep_k, dim=-1).indices
+        top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
+        top_index = top_index.gather(1, order)
+    else:
+        top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
+    return top_lp, top_index // vocab, top_index % vocab
+
+
+def _extend(beams: _Beams, parent: torch.LongTensor, token: torch.LongTensor, *,
+            prefix_len: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """The candidates' sequences ``[A, K, P + L]`` (parent beam + token) and parent records ``[A, K, W]``."""
+    keep_k = token.shape[1]
+    cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
+    column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
+    cand_seq.scatter_(2, column, token.unsqueeze(-1))
+    cand_parents = _gather(beams.run_parents, parent)                     # [A, K, W]
+    if cand_parents.shape[-1]:
+        cand_parents.scatter_(2, beams.steps[:, None, None].expand(-1, keep_k, 1),
+                              parent.unsqueeze(-1).to(cand_parents.dtype))
+    return cand_seq, cand_parents
+
+
+def _advance(beams: _Beams, top_lp: torch.Tensor, parent: torch.LongTensor, cand_seq: torch.LongTensor,
+             cand_parents: torch.Tensor, hits: torch.BoolTensor, top_nb: torch.BoolTensor, *,
+             options: DecodeOptions) -> torch.LongTensor:
+    """One step of every prompt's beams, in place: the best ``nb`` candidates that did not finish run on;
+    candidates among the top ``nb`` that finished enter the finished list if they beat what it holds.
+    Returns ``[A, nb]`` the beam each running beam extended."""
+    nb, generated = options.num_beams, beams.steps + 1
+    running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
+    next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
+    beams.run_seq = _gather(cand_seq, next_index)
+    beams.run_score = _gather(running_lp, next_index)
+    beams.run_parents = _gather(cand_parents, next_index)
+
+    just = hits & top_nb[None, :]
+    papers = options.beam_rule == "papers"
+    fin_cand = top_lp if papers else top_lp / _length_divisor(generated, options.length_penalty)
+    full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
+    fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
+    fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
+    fin_cand = fin_cand + (~just) * _BIG_NEGATIVE
+    merged_score = torch.cat([beams.fin_score, fin_cand], dim=1)
+    best = merged_score.topk(nb, dim=-1).indices
+    beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
+    beams.fin_score = _gather(merged_score, best)
+    beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
+    beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(just)], dim=1), best)
+    beams.fin_parents = _gather(torch.cat([beams.fin_parents, cand_parents], dim=1), best)
+    beams.steps = generated
+    return _gather(parent, next_index)
+
+
+def _prompts_done(beams: _Beams, token: torch.LongTensor, hits: torch.BoolTensor, top_nb: torch.BoolTensor, *,
+                  options: DecodeOptions, eos: torch.LongTensor | None) -> torch.BoolTensor:
+    """``[A]`` the prompts whose search ends now; updates ``beams.open`` (can the best running beam still
+    beat the worst finished one?) in place."""
+    never = options.early_stopping == "never" and options.length_penalty > 0.0
+    best_len = torch.full_like(beams.steps, options.max_new_tokens) if never else beams.steps
+    best_running = beams.run_score[:, :1] / _length_divisor(best_len, options.length_penalty)
+    worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values, _BIG_NEGATIVE)
+    beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
+    if options.beam_rule == "papers":  # the first step where one of the nb best candidates ends in eos, or L
+        return (_is_eos(token, eos) & top_nb[None, :]).any(dim=-1) | hits.all(dim=-1)
+    done = ~beams.open.squeeze(1) | hits.all(dim=-1)
+    if options.early_stopping is True:
+        done = done | beams.fin_flag.all(dim=-1)
+    return done
 
 
 def _stream_finished(stream: StreamSink, beams: _Beams, options: DecodeOptions, eos: torch.LongTensor | None,
