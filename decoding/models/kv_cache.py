@@ -39,33 +39,29 @@ def _row_moves(index: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
     return moved, sources
 
 
-class ReservedLayer(DynamicLayer):
-    """One attention layer's cache: ``keys``/``values`` are ``[B, H, n, D]`` views of ``[B, H, capacity, D]``
-    buffers; ``update`` writes the new positions in place and grows the buffer only on overrun."""
+class _ReservedBuffers:
+    """The storage of a :class:`ReservedLayer`: keys and values live in ``[rows, H, capacity, D]`` buffers,
+    ``keys``/``values`` are views of the filled part ``[: self.rows, :, : self.length]``, and rows and columns
+    are moved inside the buffers (reordered, appended right-aligned, shifted left) instead of reallocated."""
 
-    def __init__(self, reserve: int = 0) -> None:
-        super().__init__()
-        self.reserve = reserve
-        self.length = 0
-        self.rows = 0  # rows in use: the first ``rows`` of the buffers (dropping rows keeps the buffers)
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    @classmethod
-    def adopt(cls, layer: DynamicLayer, reserve: int) -> "ReservedLayer":
-        """A reserved copy of a filled ``DynamicLayer`` with room for ``reserve`` more tokens."""
-        adopted = cls(reserve)
-        if layer.is_initialized and layer.get_seq_length() > 0:
-            adopted.update(layer.keys, layer.values)
-        return adopted
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
+    _key_buffer: torch.Tensor | None
+    _value_buffer: torch.Tensor | None
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    length: int  # filled columns
+    rows: int    # rows in use: the first ``rows`` of the buffers (dropping rows keeps the buffers)
+    reserve: int
 
     def _set_views(self) -> None:
         self.keys = self._key_buffer[: self.rows, :, : self.length]
         self.values = self._value_buffer[: self.rows, :, : self.length]
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, *, capacity: int) -> None:
+        """The first buffers: the rows of ``key_states``/``value_states`` ``[B, H, n, D]``, ``capacity`` columns."""
+        batch, heads, _, dim = key_states.shape
+        self._key_buffer = key_states.new_empty((batch, heads, capacity, dim))
+        self._value_buffer = value_states.new_empty((batch, value_states.shape[1], capacity, value_states.shape[3]))
+        self.rows = batch
 
     def _reallocate(self, capacity: int, index: torch.LongTensor | None = None) -> None:
         """New buffers of ``capacity`` positions holding the filled part (rows ``index`` only, when given)."""
@@ -150,6 +146,31 @@ class ReservedLayer(DynamicLayer):
         self.length -= count
         self._set_views()
 
+class ReservedLayer(_ReservedBuffers, DynamicLayer):
+    """One attention layer's cache: ``keys``/``values`` are ``[B, H, n, D]`` views of ``[B, H, capacity, D]``
+    buffers; ``update`` writes the new positions in place and grows the buffer only on overrun. The rest of
+    transformers' layer interface (reorder, select, repeat, crop, reset) works on the same buffers."""
+
+    def __init__(self, reserve: int = 0) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self.length = 0
+        self.rows = 0  # rows in use: the first ``rows`` of the buffers (dropping rows keeps the buffers)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer, reserve: int) -> "ReservedLayer":
+        """A reserved copy of a filled ``DynamicLayer`` with room for ``reserve`` more tokens."""
+        adopted = cls(reserve)
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            adopted.update(layer.keys, layer.values)
+        return adopted
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -157,12 +178,7 @@ class ReservedLayer(DynamicLayer):
         start, new = self.length, key_states.shape[-2]
         end = start + new
         if self._key_buffer is None:
-            batch, heads, _, dim = key_states.shape
-            capacity = end + self.reserve
-            self._key_buffer = key_states.new_empty((batch, heads, capacity, dim))
-            self._value_buffer = value_states.new_empty((batch, value_states.shape[1], capacity,
-                                                         value_states.shape[3]))
-            self.rows = batch
+            self._allocate(key_states, value_states, capacity=end + self.reserve)
         elif end > self._key_buffer.shape[2]:
             self._reallocate(end + max(_MIN_GROWTH, end // 2))
         if key_states.shape[0] != self.rows:
