@@ -116,12 +116,16 @@ def _as_context_mask(context_mask: torch.Tensor | None, like: torch.Tensor) -> t
     return context_mask.to(device=like.device, dtype=torch.bool)
 
 
-def _check_logit_shapes(non_eos_logits: torch.Tensor, eos_logit: torch.Tensor) -> None:
+def _checked_split(non_eos_logits: torch.Tensor, eos_logit: torch.Tensor, epsilon: Any,
+                   context_mask: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """The checked ``epsilon`` and the ``[..., T]`` bool context of logits split into non-eos and eos."""
+    epsilon = check_epsilon(epsilon)
     if non_eos_logits.dim() < 2 or non_eos_logits.shape[:-1] != eos_logit.shape:
         raise ValueError(
             "non_eos_logits must be [..., T, V-1] and eos_logit [..., T]; got "
             f"{tuple(non_eos_logits.shape)} and {tuple(eos_logit.shape)}"
         )
+    return epsilon, _as_context_mask(context_mask, eos_logit)
 
 
 def _st_log_alive(
@@ -214,9 +218,7 @@ def st_log_probs(
         ``(log_p_non_eos [..., T, V-1], log_p_eos [..., T], log_alive [...])``, the last being the state
         after position ``T`` (float64), to pass to the next call.
     """
-    epsilon = check_epsilon(epsilon)
-    _check_logit_shapes(non_eos_logits, eos_logit)
-    context = _as_context_mask(context_mask, eos_logit)
+    epsilon, context = _checked_split(non_eos_logits, eos_logit, epsilon, context_mask)
     running_log_alive = _st_log_alive(eos_logit, epsilon, context, log_alive)
     log_p_non_eos, log_p_eos = _assemble(non_eos_logits, running_log_alive, context)
     return log_p_non_eos, log_p_eos, running_log_alive[..., -1]
@@ -244,9 +246,7 @@ def nmst_log_probs(
         ``(log_p_non_eos [..., T, V-1], log_p_eos [..., T], steps [...])``, the last being ``t`` after
         position ``T``, to pass to the next call.
     """
-    epsilon = check_epsilon(epsilon)
-    _check_logit_shapes(non_eos_logits, eos_logit)
-    context = _as_context_mask(context_mask, eos_logit)
+    epsilon, context = _checked_split(non_eos_logits, eos_logit, epsilon, context_mask)
     log_alive, t = _nmst_log_alive(eos_logit, epsilon, context, steps)
     log_p_non_eos, log_p_eos = _assemble(non_eos_logits, log_alive, context)
     return log_p_non_eos, log_p_eos, t[..., -1]
