@@ -401,14 +401,8 @@ def sample_search(
         scores = _warp(processed, options, eos)
         if score_record is not None:
             score_record.add(active.rows, active.steps, scores)
-        if options.do_sample:
-            checks = [logits.amax(dim=-1)] + ([processed.amax(dim=-1)] if processors else [])
-            tokens, mass = _sample_rows(scores, draws.take(active.steps, active.rows, upto=step + 1))
-            checks.append(mass)
-        else:
-            best, tokens = scores.max(dim=-1)   # max propagates NaN: the maxima double as the NaN check
-            tokens = _prefer_eos(scores, best, tokens, eos)
-            checks = [best] if scores is logits else [logits.amax(dim=-1), best]
+        tokens, checks = _next_tokens(logits, processed if processors else None, scores, active, options=options,
+                                      eos=eos, draws=draws, step=step)
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
         active.work.scatter_(1, (prefix_len + active.steps).unsqueeze(1), tokens.unsqueeze(1))
@@ -426,10 +420,7 @@ def sample_search(
             stream.step(active.rows[running], tokens[running], _end_codes(ended, capped, stopped)[running])
         bar.update(1 if refill is None else n_finished)
         if n_finished:
-            gone = finished.nonzero().squeeze(1)
-            out[active.rows[gone]] = active.work[gone]
-            lengths[active.rows[gone]] = active.steps[gone]
-            terminated[active.rows[gone]] = ended[gone]
+            _store_finished(finished, ended, active, out=out, lengths=lengths, terminated=terminated)
             n_running -= n_finished
             if alive is not None:
                 alive = alive & ~finished
@@ -461,6 +452,31 @@ def sample_search(
                         state=state if whole_batch else None,
                         step_scores=None if score_record is None else score_record.assemble(n_rows),
                         step_logits=None if logit_record is None else logit_record.assemble(n_rows))
+
+
+def _next_tokens(logits: torch.Tensor, processed: torch.Tensor | None, scores: torch.Tensor, active: _Active, *,
+                 options: DecodeOptions, eos: torch.LongTensor | None, draws: Uniforms | None,
+                 step: int) -> tuple[torch.LongTensor, list[torch.Tensor]]:
+    """``[n]`` one token per active row from its final ``scores``: sampled with the row's own uniform number,
+    or greedy with ties broken toward eos; and the row values :func:`_check_step` checks (``processed``: the
+    scores after the logits processors, None when there are none)."""
+    if options.do_sample:
+        checks = [logits.amax(dim=-1)] + ([processed.amax(dim=-1)] if processed is not None else [])
+        tokens, mass = _sample_rows(scores, draws.take(active.steps, active.rows, upto=step + 1))
+        return tokens, checks + [mass]
+    best, tokens = scores.max(dim=-1)   # max propagates NaN: the maxima double as the NaN check
+    tokens = _prefer_eos(scores, best, tokens, eos)
+    return tokens, [best] if scores is logits else [logits.amax(dim=-1), best]
+
+
+def _store_finished(finished: torch.BoolTensor, ended: torch.BoolTensor, active: _Active, *, out: torch.LongTensor,
+                    lengths: torch.LongTensor, terminated: torch.BoolTensor) -> None:
+    """Write the rows that finished this step into the outputs ``out [N, P + L]``, ``lengths [N]`` and
+    ``terminated [N]`` (``ended``: by eos)."""
+    gone = finished.nonzero().squeeze(1)
+    out[active.rows[gone]] = active.work[gone]
+    lengths[active.rows[gone]] = active.steps[gone]
+    terminated[active.rows[gone]] = ended[gone]
 
 
 @dataclass
