@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .generate import generate
-from .pretrained import load_pretrained
+from .models.pretrained import load_pretrained
 from .streaming import Piece
 
 __all__ = ["main", "build_parser"]

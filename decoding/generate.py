@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig
 
 from . import transforms as T
-from .adapters import CausalLMStepModel, ModelInputs
 from .options import DecodeOptions, _as_id_tuple, merged_generation_config, resolve_options
 from .outputs import GenerateOutput, output_class
-from .protocol import StepModel, as_step_model
+from .protocol import ModelInputs, StepModelBase, as_step_model, declared
 from .records import concat_steps
-from .search import Processor, PromptNoise, Refill, SearchResult, Uniforms, beam_search, sample_search
-from .self_terminating import SelfTerminatingStepModel
+from .search import (Processor, PromptNoise, Refill, SearchResult, Uniforms, beam_search, refill_blocker,
+                     sample_search)
 from .streaming import RowStreamer, StreamSink
 from .token_rules import rule_processors
 
@@ -157,16 +157,16 @@ def _check_mask(attention_mask: Any, input_ids: torch.LongTensor, *, columns: in
     return attention_mask
 
 
-def _model_inputs(step_model: StepModel, *, is_encoder_decoder: bool, columns: int, rows: int,
+def _model_inputs(step_model: StepModelBase, *, is_encoder_decoder: bool, columns: int, rows: int,
                   token_type_ids: Any, position_ids: Any, inputs_embeds: Any, cache: Any) -> ModelInputs | None:
     """The forward inputs passed through to the model, checked; None when there are none."""
     given = {name: value for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids),
                                              ("inputs_embeds", inputs_embeds), ("cache", cache)) if value is not None}
     if not given:
         return None
-    if is_encoder_decoder or not isinstance(step_model, CausalLMStepModel):
+    if is_encoder_decoder or not step_model.takes_model_inputs:
         raise NotImplementedError(f"{sorted(given)}: model inputs are passed through for decoder-only transformers "
-                                  f"models only, not {type(step_model).__name__}")
+                                  f"models only, not {step_model.model_name}")
     for name in ("token_type_ids", "position_ids"):
         value = given.get(name)
         if value is not None and (not isinstance(value, torch.Tensor) or value.is_floating_point()
@@ -182,21 +182,19 @@ def _model_inputs(step_model: StepModel, *, is_encoder_decoder: bool, columns: i
                        inputs_embeds=inputs_embeds, cache=cache)
 
 
-def _for_decoding(step_model: StepModel, options: DecodeOptions, *, refilling: bool) -> StepModel:
+def _for_decoding(step_model: StepModelBase, options: DecodeOptions, *, refilling: bool) -> StepModelBase:
     """The step model as the options want it: uncached, decoder start token, KV-cache room reserved."""
     if not options.use_cache:
-        step_model = _uncached(step_model)
+        step_model = step_model.uncached()
     if options.decoder_start_token_id is not None:
-        if not callable(getattr(step_model, "starting_with", None)):
-            raise NotImplementedError(f"decoder_start_token_id: {type(step_model).__name__} cannot change its "
-                                      "decoder start token")
         step_model = step_model.starting_with(options.decoder_start_token_id)
-    if isinstance(step_model, SelfTerminatingStepModel) and step_model.eos_token_id not in options.eos_token_ids:
+    guaranteed = step_model.guaranteed_eos_token_id
+    if guaranteed is not None and guaranteed not in options.eos_token_ids:
         raise ValueError(
             f"eos_token_id {list(options.eos_token_ids) or -1}: the self-terminating model's guarantee is about "
-            f"its own eos token {step_model.eos_token_id}; decoding would stop only at max_new_tokens. Include it "
+            f"its own eos token {guaranteed}; decoding would stop only at max_new_tokens. Include it "
             "in eos_token_id (or leave eos_token_id unset)")
-    if options.use_cache and hasattr(step_model, "reserving"):
+    if options.use_cache:
         # refilled rows start at later columns of the cache: room for half a decode more saves regrowing;
         # the cache then grows with what is generated, as the token buffers do
         wanted = options.max_new_tokens * 3 // 2 if refilling else options.max_new_tokens
@@ -300,42 +298,78 @@ def generate(
     """
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache as cache= or past_key_values=, not both")
-    step_model: StepModel = as_step_model(model)
-    is_encoder_decoder = bool(getattr(step_model, "is_encoder_decoder", False)
-                              or getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    vocab_size = int(step_model.vocab_size)
-    input_ids = _check_input_ids(input_ids, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
+    step_model = as_step_model(model)
+    is_encoder_decoder = step_model.is_encoder_decoder
+    input_ids = _check_input_ids(input_ids, vocab_size=int(step_model.vocab_size), is_encoder_decoder=is_encoder_decoder,
                                  inputs_embeds=None if is_encoder_decoder else inputs_embeds)
-    columns = input_ids.shape[1] if inputs_embeds is None or is_encoder_decoder else inputs_embeds.shape[1]
-    prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
     options = resolve_options(
-        model, prefix_length=prefix_length, vocab_size=vocab_size, is_encoder_decoder=is_encoder_decoder,
-        kwargs=kwargs, generation_config=generation_config, logits_processor=logits_processor,
-        consistent=consistent, generator=generator, drop_finished=drop_finished, beam_rule=beam_rule,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, stopping_criteria=stopping_criteria, tokenizer=tokenizer,
+        model, prefix_length=1 if is_encoder_decoder else input_ids.shape[1], vocab_size=int(step_model.vocab_size),
+        is_encoder_decoder=is_encoder_decoder, kwargs=kwargs, generation_config=generation_config,
+        logits_processor=logits_processor, consistent=consistent, generator=generator, drop_finished=drop_finished,
+        beam_rule=beam_rule, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, stopping_criteria=stopping_criteria,
+        tokenizer=tokenizer,
     )
-    model_inputs = _model_inputs(step_model, is_encoder_decoder=is_encoder_decoder, columns=columns,
-                                 rows=input_ids.shape[0], token_type_ids=token_type_ids, position_ids=position_ids,
-                                 inputs_embeds=inputs_embeds, cache=cache if cache is not None else past_key_values)
-    if inputs_embeds is None or input_ids.shape[1]:
-        if input_ids.shape[1] != columns:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} columns, inputs_embeds {columns}")
     pad_ids = _as_id_tuple(merged_generation_config(model, generation_config, kwargs).pad_token_id, "pad_token_id")
-    attention_mask = _check_mask(attention_mask, input_ids, columns=columns, is_encoder_decoder=is_encoder_decoder,
-                                 pad_token_ids=pad_ids, eos_token_ids=options.eos_token_ids)
-    model_device = getattr(model, "device", None)
-    if isinstance(model_device, torch.device) and model_device.type != "meta":
-        input_ids, attention_mask = input_ids.to(model_device), attention_mask.to(model_device)
-    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
-    capacity = _check_max_batch_size(max_batch_size, per_prompt, input_ids.shape[0])
-    sink = _stream_sink(streamer, stream, options, n_rows=input_ids.shape[0] * options.num_return_sequences,
+    prompts = _prompts(model, step_model, input_ids, attention_mask, pad_token_ids=pad_ids,
+                       eos_token_ids=options.eos_token_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                       inputs_embeds=inputs_embeds, cache=cache if cache is not None else past_key_values)
+    capacity = _check_max_batch_size(max_batch_size, options.rows_per_prompt, prompts.count)
+    sink = _stream_sink(streamer, stream, options, n_rows=prompts.count * options.num_return_sequences,
                         limited=capacity is not None)
     try:
-        return _decode(step_model, input_ids, attention_mask, options=options, capacity=capacity, sink=sink,
-                       model_inputs=model_inputs, is_encoder_decoder=is_encoder_decoder, progress=progress)
+        return _decode(step_model, prompts, options=options, capacity=capacity, sink=sink, progress=progress)
     finally:
         if sink is not None:
             sink.end()
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    """The checked prompts of one call, on the model's device; prefilled and given their logits processors
+    by rows (all of them, or a chunk's)."""
+
+    input_ids: torch.LongTensor         # [B, T]; [B, 0] next to inputs_embeds alone
+    attention_mask: torch.LongTensor    # [B, T'] (T' = inputs_embeds' columns when given)
+    model_inputs: ModelInputs | None    # the forward inputs passed through, None when there are none
+    is_encoder_decoder: bool
+
+    @property
+    def count(self) -> int:
+        return self.input_ids.shape[0]
+
+    def processors(self, options: DecodeOptions, rows: slice, *, in_place: bool) -> list[Processor]:
+        """The logits-processor chain of prompts ``rows``."""
+        padding = None if self.is_encoder_decoder else (self.attention_mask[rows] == 0).long().sum(dim=1)
+        return build_processors(options, prefix_length=1 if self.is_encoder_decoder else self.input_ids.shape[1],
+                                device=self.input_ids.device, in_place=in_place, padding_lengths=padding,
+                                first_prompt=rows.start or 0)
+
+    def prefill(self, step_model: StepModelBase, rows: slice) -> tuple[torch.Tensor, Any, torch.LongTensor]:
+        """``step_model.prefill`` on prompts ``rows``: ``(logits [b, V], state, prefix [b, P])``."""
+        if self.model_inputs is None:
+            return step_model.prefill(self.input_ids[rows], self.attention_mask[rows])
+        chunk_inputs = self.model_inputs if rows == slice(None) else self.model_inputs.rows(rows)
+        return step_model.prefill(self.input_ids[rows], self.attention_mask[rows], inputs=chunk_inputs)
+
+
+def _prompts(model: Any, step_model: StepModelBase, input_ids: torch.LongTensor, attention_mask: Any, *,
+             pad_token_ids: tuple[int, ...], eos_token_ids: Sequence[int], token_type_ids: Any, position_ids: Any,
+             inputs_embeds: Any, cache: Any) -> _Prompts:
+    """The attention mask and model inputs checked against ``input_ids`` (checked already), all moved to the
+    model's device."""
+    is_encoder_decoder = step_model.is_encoder_decoder
+    columns = input_ids.shape[1] if inputs_embeds is None or is_encoder_decoder else inputs_embeds.shape[1]
+    model_inputs = _model_inputs(step_model, is_encoder_decoder=is_encoder_decoder, columns=columns,
+                                 rows=input_ids.shape[0], token_type_ids=token_type_ids, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, cache=cache)
+    if (inputs_embeds is None or input_ids.shape[1]) and input_ids.shape[1] != columns:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} columns, inputs_embeds {columns}")
+    attention_mask = _check_mask(attention_mask, input_ids, columns=columns, is_encoder_decoder=is_encoder_decoder,
+                                 pad_token_ids=pad_token_ids, eos_token_ids=eos_token_ids)
+    model_device = getattr(model, "device", None)
+    if isinstance(model_device, torch.device) and model_device.type != "meta":
+        input_ids, attention_mask = input_ids.to(model_device), attention_mask.to(model_device)
+    return _Prompts(input_ids, attention_mask, model_inputs, is_encoder_decoder)
 
 
 def _stream_sink(streamer: Any, stream: Any, options: DecodeOptions, *, n_rows: int,
@@ -351,47 +385,43 @@ def _stream_sink(streamer: Any, stream: Any, options: DecodeOptions, *, n_rows: 
     return StreamSink(rows=stream, streamer=streamer, n_rows=n_rows, pad_token_id=options.pad_token_id)
 
 
-def _decode(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
-            options: DecodeOptions, capacity: int | None, sink: StreamSink | None, model_inputs: ModelInputs | None,
-            is_encoder_decoder: bool, progress: bool) -> torch.LongTensor | GenerateOutput:
+def _decode(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOptions, capacity: int | None,
+            sink: StreamSink | None, progress: bool) -> torch.LongTensor | GenerateOutput:
     """Prefill and search, in one batch or in chunks of ``capacity`` rows (refilled where possible)."""
-    per_prompt = options.num_beams if options.is_beam_search else options.num_return_sequences
-    prefix_length = 1 if is_encoder_decoder else input_ids.shape[1]
-    refilling = (capacity is not None and options.drop_finished and callable(getattr(step_model, "merge", None))
-                 and not (options.is_beam_search and options.do_sample))
+    everything = slice(None)
+    batch_wide = bool(prompts.processors(options, everything, in_place=False))
+    refilling = (capacity is not None and step_model.can_merge
+                 and refill_blocker(options, batch_wide_processors=batch_wide) is None)
     step_model = _for_decoding(step_model, options, refilling=refilling)
-    padding = None if is_encoder_decoder else (attention_mask == 0).long().sum(dim=1)
-    in_place = bool(getattr(step_model, "fresh_logits", False))
+    if capacity is not None:
+        results = _decode_in_chunks(step_model, prompts, options=options, capacity=capacity, refilling=refilling,
+                                    sink=sink, progress=progress)
+        return _shape_output(_concat_results(results, options), options, step_model,
+                             is_encoder_decoder=prompts.is_encoder_decoder)
+    logits, state, prefix = prompts.prefill(step_model, everything)
+    if sink is not None:
+        sink.prompt(prefix.repeat_interleave(options.num_return_sequences, dim=0))
+    processors = prompts.processors(options, everything, in_place=step_model.fresh_logits)
+    return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors,
+                            progress=progress, stream=sink)
 
-    def processors_for(rows: slice) -> list[Processor]:
-        return build_processors(options, prefix_length=prefix_length, device=input_ids.device, in_place=in_place,
-                                padding_lengths=None if padding is None else padding[rows],
-                                first_prompt=rows.start or 0)
 
-    def prefill(rows: slice) -> tuple[torch.Tensor, Any, torch.LongTensor]:
-        if model_inputs is None:
-            return step_model.prefill(input_ids[rows], attention_mask[rows])
-        chunk_inputs = model_inputs if rows == slice(None) else model_inputs.rows(rows)
-        return step_model.prefill(input_ids[rows], attention_mask[rows], inputs=chunk_inputs)
-
-    if capacity is None:
-        logits, state, prefix = prefill(slice(None))
-        if sink is not None:
-            sink.prompt(prefix.repeat_interleave(options.num_return_sequences, dim=0))
-        return decode_prefilled(step_model, logits, state, prefix, options=options,
-                                processors=processors_for(slice(None)), progress=progress, stream=sink)
+def _decode_in_chunks(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOptions, capacity: int,
+                      refilling: bool, sink: StreamSink | None, progress: bool) -> list[SearchResult]:
+    """The prompts in chunks of ``capacity`` rows: the first chunk refilled with the rest as rows finish, or
+    (when the step model cannot merge this state, or the call cannot refill) chunk after chunk."""
+    per_prompt = options.rows_per_prompt
     chunk, search = capacity // per_prompt, beam_search if options.is_beam_search else sample_search
-    draws = _random_draws(options, prompts=input_ids.shape[0], device=input_ids.device)
+    draws = _random_draws(options, prompts=prompts.count, device=prompts.input_ids.device)
     results = []
-    for start in range(0, input_ids.shape[0], chunk):  # one chunk, refilled with the rest, or chunk after chunk
+    for start in range(0, prompts.count, chunk):
         rows = slice(start, start + chunk)
-        processors = processors_for(rows)
-        logits, state, prefix = prefill(rows)
+        processors = prompts.processors(options, rows, in_place=step_model.fresh_logits)
+        logits, state, prefix = prompts.prefill(step_model, rows)
         refill = None
-        if (refilling and not processors and not options.stopping_criteria
-                and getattr(step_model, "mergeable", lambda _: True)(state)):
-            refill = Refill(admit=_admitting(prefill, first=start + chunk), merge=step_model.merge,
-                            prompts=input_ids.shape[0] - start - chunk, capacity=chunk * per_prompt,
+        if refilling and step_model.mergeable(state):
+            refill = Refill(admit=_admitting(lambda more: prompts.prefill(step_model, more), first=start + chunk),
+                            merge=step_model.merge, prompts=prompts.count - start - chunk, capacity=chunk * per_prompt,
                             threshold=max(per_prompt, chunk * per_prompt // 8))
         stream = None if sink is None else sink.shifted(start * options.num_return_sequences)
         results.append(search(step_model, logits, state, prefix, options=options, processors=processors,
@@ -399,8 +429,7 @@ def _decode(step_model: StepModel, input_ids: torch.LongTensor, attention_mask: 
                               draws=_chunk_view(draws, start, per_prompt)))
         if refill is not None:
             break
-    return _shape_output(_concat_results(results, options), options, step_model,
-                         is_encoder_decoder=is_encoder_decoder)
+    return results
 
 
 def _random_draws(options: DecodeOptions, *, prompts: int, device: torch.device) -> Uniforms | PromptNoise | None:
@@ -470,25 +499,24 @@ def _concat_results(results: Sequence[SearchResult], options: DecodeOptions) -> 
                         beam_indices=beam_indices)
 
 
-def decode_prefilled(step_model: StepModel, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
+def decode_prefilled(step_model: StepModelBase, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
                      options: DecodeOptions, processors: Sequence[Processor], progress: bool = False,
                      stream: StreamSink | None = None) -> torch.LongTensor | GenerateOutput:
     """Run the search the options ask for from a prefilled state and shape the result as ``generate``
     returns it (the sequences, or the output class with ``return_dict_in_generate``)."""
+    step_model = declared(step_model)
     search = beam_search if options.is_beam_search else sample_search
     result = search(step_model, logits, state, prefix, options=options, processors=processors, progress=progress,
                     stream=stream)
-    return _shape_output(result, options, step_model,
-                         is_encoder_decoder=bool(getattr(step_model, "is_encoder_decoder", False)))
+    return _shape_output(result, options, step_model, is_encoder_decoder=step_model.is_encoder_decoder)
 
 
-def _shape_output(result: SearchResult, options: DecodeOptions, step_model: StepModel, *,
+def _shape_output(result: SearchResult, options: DecodeOptions, step_model: StepModelBase, *,
                   is_encoder_decoder: bool) -> torch.LongTensor | GenerateOutput:
     """The sequences, or transformers' output class for the model and search with this library's fields."""
     if not options.return_dict_in_generate:
         return result.sequences
-    cache_of = getattr(step_model, "model_cache", None)
-    cache = cache_of(result.state) if result.state is not None and callable(cache_of) else None
+    cache = None if result.state is None else step_model.model_cache(result.state)
     output = output_class(is_encoder_decoder=is_encoder_decoder, beam_search=options.is_beam_search)
     fields: dict[str, Any] = dict(sequences=result.sequences, terminated=result.terminated, lengths=result.lengths,
                                   sequences_scores=result.scores, scores=result.step_scores,
@@ -499,10 +527,3 @@ def _shape_output(result: SearchResult, options: DecodeOptions, step_model: Step
         fields["beam_indices"] = torch.where(beam_indices >= 0, beam_indices + (prompt * options.num_beams)[:, None].to(
             beam_indices.dtype), beam_indices)
     return output(**fields)
-
-
-def _uncached(step_model: StepModel) -> StepModel:
-    """``use_cache=False``: recompute every step from the whole sequence (slow; for checking caches)."""
-    if hasattr(step_model, "uncached"):
-        return step_model.uncached()
-    raise NotImplementedError(f"use_cache=False is not supported for {type(step_model).__name__}")

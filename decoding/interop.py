@@ -30,10 +30,11 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerationMixin
 
-from .adapters import ModelInputs, Seq2SeqStepModel, hf_step_model
 from .generate import _for_decoding, _stream_sink, _user_processor, decode_prefilled
+from .models.adapters import Seq2SeqStepModel, hf_step_model
 from .options import DecodeOptions, resolve_options
 from .outputs import GenerateOutput
+from .protocol import ModelInputs
 from .search import Processor
 from .streaming import RowStreamer
 from .token_rules import rule_processors

@@ -1,4 +1,7 @@
-"""Metrics for decoded continuations (METHODS.md sections 1 and 5).
+"""Metrics for decoded continuations: the non-termination ratio ``r_L = q(|y| > L)`` (the share of
+continuations without eos within ``L`` generated tokens; Welleck et al. 2020, "Consistency of a recurrent
+language model with respect to incomplete decoding"), lengths, repetition (``seq-rep-n``), perplexity and
+BLEU.
 
 Pure functions on token ids: nothing here modifies its input. Sequences are given either as a LongTensor
 ``[N, T]`` (the generated part of a ``generate`` call, padded after eos) or as a list of token-id lists;

@@ -8,11 +8,10 @@ model work; an option this library does not implement raises instead of being si
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -83,6 +82,11 @@ class DecodeOptions:
     @property
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows one prompt takes in the batch: its beams, or its returned sequences."""
+        return self.num_beams if self.is_beam_search else self.num_return_sequences
 
     @property
     def beam_fill_token_id(self) -> int:
@@ -160,14 +164,6 @@ def _check_unsupported(config: GenerationConfig) -> None:
             )
 
 
-def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    bad = (value < low or (low_open and value == low) or value > high or (high_open and value == high)
-           or (isinstance(value, float) and math.isnan(value)))
-    if bad:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-
-
 def resolve_options(
     model: Any,
     *,
@@ -194,6 +190,52 @@ def resolve_options(
         stopping_criteria: transformers ``StoppingCriteria`` (or callables ``(input_ids, scores) -> done``).
         tokenizer: the model's tokenizer, needed by ``stop_strings`` (as in transformers).
     """
+    _check_keywords(kwargs)
+    default_max = _has_default_max_length(model, generation_config, kwargs)
+    config = merged_generation_config(model, generation_config, kwargs)
+    _check_unsupported(config)
+    max_new_tokens, min_new_tokens = _lengths(config, model, prefix_length=prefix_length, default_max=default_max)
+    ids = _token_ids(config, vocab_size, consistent=consistent, is_encoder_decoder=is_encoder_decoder)
+    do_sample = bool(config.do_sample)
+    num_beams, num_return_sequences = _beams(config, do_sample=do_sample)
+    _check_beam_rule(beam_rule, kwargs, do_sample=do_sample, num_return_sequences=num_return_sequences)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return DecodeOptions(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        temperature=_temperature(config, do_sample=do_sample),
+        truncation=_truncation(config, num_beams=num_beams, eos_token_ids=ids.eos),
+        consistent=bool(consistent),
+        num_beams=num_beams,
+        length_penalty=float(config.length_penalty),
+        early_stopping=_early_stopping(config),
+        num_return_sequences=num_return_sequences,
+        eos_token_ids=ids.eos,
+        pad_token_id=ids.pad,
+        repetition_penalty=_repetition_penalty(config),
+        no_repeat_ngram_size=_check_int("no_repeat_ngram_size", config.no_repeat_ngram_size or 0, low=0),
+        forced_bos_token_id=ids.forced_bos,
+        forced_eos_token_id=ids.forced_eos,
+        exponential_decay_length_penalty=_length_decay(config),
+        logits_processor=tuple(logits_processor or ()),
+        return_dict_in_generate=bool(config.return_dict_in_generate),
+        use_cache=bool(config.use_cache if config.use_cache is not None else True),
+        generator=generator,
+        decoder_start_token_id=ids.decoder_start,
+        drop_finished=bool(drop_finished),
+        beam_rule=beam_rule,
+        token_rules=resolve_token_rules(config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                                        vocab_size=vocab_size, eos_token_ids=ids.eos, consistent=consistent),
+        stopping_criteria=_stopping_criteria(config.stop_strings, tokenizer, stopping_criteria),
+        output_scores=bool(config.output_scores),
+        output_logits=bool(config.output_logits),
+    )
+
+
+def _check_keywords(kwargs: dict[str, Any]) -> None:
+    """Refuse keyword options that are neither supported nor a config field accepted at its "off" value."""
     unsupported = sorted(set(kwargs) - SUPPORTED_OPTIONS)
     known_to_config = [k for k in unsupported if k in _OFF_VALUES]
     if unsupported and len(known_to_config) != len(unsupported):
@@ -201,19 +243,24 @@ def resolve_options(
             f"generate() got unsupported keyword arguments {unsupported}; supported: "
             f"{sorted(SUPPORTED_OPTIONS | {'logits_processor', 'generation_config', 'consistent', 'generator'})}"
         )
-    has_default_max = kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None and all(
+
+
+def _has_default_max_length(model: Any, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> bool:
+    """Whether no one set a length: transformers then warns and counts ``max_length`` from the prompt's end."""
+    return kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None and all(
         getattr(c, "max_length", None) is None and getattr(c, "max_new_tokens", None) is None
         for c in (generation_config, getattr(model, "generation_config", None)) if c is not None
     )
-    config = merged_generation_config(model, generation_config, kwargs)
-    _check_unsupported(config)
 
-    # Lengths, as transformers computes them: max_new_tokens wins over max_length.
+
+def _lengths(config: GenerationConfig, model: Any, *, prefix_length: int, default_max: bool) -> tuple[int, int]:
+    """``(max_new_tokens, min_new_tokens)`` as transformers computes them: ``max_new_tokens`` wins over
+    ``max_length``, ``min_new_tokens`` over ``min_length``; the ``*_length`` options count the prefix."""
     if config.max_new_tokens is not None:
         max_new_tokens = _check_int("max_new_tokens", config.max_new_tokens, low=1)
     else:
         max_length = _check_int("max_length", config.max_length, low=1)
-        if has_default_max:
+        if default_max:
             max_length = max_length + prefix_length
             positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             if positions is not None:
@@ -221,7 +268,7 @@ def resolve_options(
             warnings.warn(
                 f"Using the model-agnostic default `max_length` (={max_length}) to control the generation "
                 "length. We recommend setting `max_new_tokens` to control the maximum length of the generation.",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=4,
             )
         if prefix_length >= max_length:
             raise ValueError(
@@ -230,11 +277,21 @@ def resolve_options(
             )
         max_new_tokens = max_length - prefix_length
     if config.min_new_tokens is not None:
-        min_new_tokens = _check_int("min_new_tokens", config.min_new_tokens, low=0)
-    else:
-        min_length = _check_int("min_length", config.min_length or 0, low=0)
-        min_new_tokens = max(0, min_length - prefix_length)
+        return max_new_tokens, _check_int("min_new_tokens", config.min_new_tokens, low=0)
+    min_length = _check_int("min_length", config.min_length or 0, low=0)
+    return max_new_tokens, max(0, min_length - prefix_length)
 
+
+class _TokenIds(NamedTuple):
+    eos: tuple[int, ...]
+    pad: int
+    forced_bos: int | None
+    forced_eos: tuple[int, ...]
+    decoder_start: int | None   # None: the model's own (and always for decoder-only models)
+
+
+def _token_ids(config: GenerationConfig, vocab_size: int, *, consistent: bool, is_encoder_decoder: bool) -> _TokenIds:
+    """The special token ids, each checked against the vocabulary."""
     eos = eos_ids(config.eos_token_id, vocab_size)
     if consistent and not eos:
         raise ValueError(
@@ -243,55 +300,11 @@ def resolve_options(
         )
     pad_ids = _as_id_tuple(config.pad_token_id, "pad_token_id")
     pad = _check_token("pad_token_id", pad_ids[0], vocab_size) if pad_ids else (eos[0] if eos else 0)
-
-    do_sample = bool(config.do_sample)
-    temperature = 1.0 if config.temperature is None else config.temperature
-    if do_sample:
-        try:
-            temperature = check_temperature(temperature)
-        except ValueError as error:  # name the option as this module does
-            raise ValueError(f"temperature must be a finite number > 0 when sampling (do_sample=True), got "
-                             f"{temperature!r}") from error
-    num_beams = _check_int("num_beams", config.num_beams, low=1)
-    num_return_sequences = _check_int("num_return_sequences", config.num_return_sequences, low=1)
-    if not do_sample and num_return_sequences > num_beams:
-        raise ValueError(
-            f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
-            "sampling: greedy and beam search return at most num_beams distinct sequences"
-        )
-    early_stopping = config.early_stopping
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    repetition_penalty = float(config.repetition_penalty)
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    no_repeat = _check_int("no_repeat_ngram_size", config.no_repeat_ngram_size or 0, low=0)
-
-    truncation = Truncation(
-        top_k=_check_int("top_k", config.top_k or 0, low=0),
-        top_p=float(config.top_p if config.top_p is not None else 1.0),
-        min_p=None if config.min_p is None else float(config.min_p),
-        typical_p=float(config.typical_p if config.typical_p is not None else 1.0),
-        epsilon_cutoff=float(config.epsilon_cutoff or 0.0),
-        eta_cutoff=float(config.eta_cutoff or 0.0),
-        # transformers keeps eos plus one more token in beam sampling, so a beam can always continue
-        min_tokens_to_keep=(len(eos) + 1 if eos else 2) if num_beams > 1 else 1,
-    )
-    decay = config.exponential_decay_length_penalty
-    if decay is not None:
-        if len(decay) != 2 or decay[0] < 0 or not decay[1] >= 1.0:
-            raise ValueError(
-                "exponential_decay_length_penalty must be (start_index >= 0, decay_factor >= 1.0), "
-                f"got {decay!r}"
-            )
-        decay = (int(decay[0]), float(decay[1]))
-    forced_bos = config.forced_bos_token_id
+    forced_bos = _as_id_tuple(config.forced_bos_token_id, "forced_bos_token_id")
     forced_eos = _as_id_tuple(config.forced_eos_token_id, "forced_eos_token_id")
-    for name, ids in (("forced_bos_token_id", _as_id_tuple(forced_bos, "forced_bos_token_id")),
-                      ("forced_eos_token_id", forced_eos)):
-        for token in ids:
+    for name, token_ids in (("forced_bos_token_id", forced_bos), ("forced_eos_token_id", forced_eos)):
+        for token in token_ids:
             _check_token(name, token, vocab_size)
-    _check_beam_rule(beam_rule, kwargs, do_sample=do_sample, num_return_sequences=num_return_sequences)
     decoder_start = None
     if is_encoder_decoder and config.decoder_start_token_id is not None:
         starts = _as_id_tuple(config.decoder_start_token_id, "decoder_start_token_id")
@@ -299,42 +312,72 @@ def resolve_options(
             raise ValueError(f"decoder_start_token_id must be one token id (one per row is not supported), got "
                              f"{config.decoder_start_token_id!r}")
         decoder_start = _check_token("decoder_start_token_id", starts[0], vocab_size)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    token_rules = resolve_token_rules(config, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
-                                      vocab_size=vocab_size, eos_token_ids=eos, consistent=consistent)
-    criteria = _stopping_criteria(config.stop_strings, tokenizer, stopping_criteria)
+    return _TokenIds(eos=eos, pad=int(pad), forced_bos=forced_bos[0] if forced_bos else None, forced_eos=forced_eos,
+                     decoder_start=decoder_start)
 
-    return DecodeOptions(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=do_sample,
-        temperature=float(temperature),
-        truncation=truncation,
-        consistent=bool(consistent),
-        num_beams=num_beams,
-        length_penalty=float(config.length_penalty),
-        early_stopping=early_stopping,
-        num_return_sequences=num_return_sequences,
-        eos_token_ids=eos,
-        pad_token_id=int(pad),
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat,
-        forced_bos_token_id=None if forced_bos is None else _as_id_tuple(forced_bos, "forced_bos_token_id")[0],
-        forced_eos_token_id=forced_eos,
-        exponential_decay_length_penalty=decay,
-        logits_processor=tuple(logits_processor or ()),
-        return_dict_in_generate=bool(config.return_dict_in_generate),
-        use_cache=bool(config.use_cache if config.use_cache is not None else True),
-        generator=generator,
-        decoder_start_token_id=decoder_start,
-        drop_finished=bool(drop_finished),
-        beam_rule=beam_rule,
-        token_rules=token_rules,
-        stopping_criteria=criteria,
-        output_scores=bool(config.output_scores),
-        output_logits=bool(config.output_logits),
+
+def _beams(config: GenerationConfig, *, do_sample: bool) -> tuple[int, int]:
+    """``(num_beams, num_return_sequences)``; without sampling, no more sequences than beams."""
+    num_beams = _check_int("num_beams", config.num_beams, low=1)
+    num_return_sequences = _check_int("num_return_sequences", config.num_return_sequences, low=1)
+    if not do_sample and num_return_sequences > num_beams:
+        raise ValueError(
+            f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) without "
+            "sampling: greedy and beam search return at most num_beams distinct sequences"
+        )
+    return num_beams, num_return_sequences
+
+
+def _temperature(config: GenerationConfig, *, do_sample: bool) -> float:
+    """The temperature, checked when sampling (greedy and beam search ignore it, as in transformers)."""
+    temperature = 1.0 if config.temperature is None else config.temperature
+    if do_sample:
+        try:
+            temperature = check_temperature(temperature)
+        except ValueError as error:  # name the option as this module does
+            raise ValueError(f"temperature must be a finite number > 0 when sampling (do_sample=True), got "
+                             f"{temperature!r}") from error
+    return float(temperature)
+
+
+def _truncation(config: GenerationConfig, *, num_beams: int, eos_token_ids: tuple[int, ...]) -> Truncation:
+    """The truncation rules of sampling (checked by :class:`Truncation`)."""
+    return Truncation(
+        top_k=_check_int("top_k", config.top_k or 0, low=0),
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+        min_p=None if config.min_p is None else float(config.min_p),
+        typical_p=float(config.typical_p if config.typical_p is not None else 1.0),
+        epsilon_cutoff=float(config.epsilon_cutoff or 0.0),
+        eta_cutoff=float(config.eta_cutoff or 0.0),
+        # transformers keeps eos plus one more token in beam sampling, so a beam can always continue
+        min_tokens_to_keep=(len(eos_token_ids) + 1 if eos_token_ids else 2) if num_beams > 1 else 1,
     )
+
+
+def _early_stopping(config: GenerationConfig) -> bool | str:
+    early_stopping = config.early_stopping
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    return early_stopping
+
+
+def _repetition_penalty(config: GenerationConfig) -> float:
+    repetition_penalty = float(config.repetition_penalty)
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    return repetition_penalty
+
+
+def _length_decay(config: GenerationConfig) -> tuple[int, float] | None:
+    """``exponential_decay_length_penalty`` as ``(start_index, decay_factor)``, or None."""
+    decay = config.exponential_decay_length_penalty
+    if decay is None:
+        return None
+    if len(decay) != 2 or decay[0] < 0 or not decay[1] >= 1.0:
+        raise ValueError(
+            f"exponential_decay_length_penalty must be (start_index >= 0, decay_factor >= 1.0), got {decay!r}"
+        )
+    return int(decay[0]), float(decay[1])
 
 
 BEAM_RULES = ("transformers", "papers")

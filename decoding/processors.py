@@ -2,8 +2,10 @@
 
 Each processor applies a truncation rule (top-k, nucleus, min-p, typical, epsilon, eta, or any mix of them)
 and then puts eos back into the candidate set with its own score, so the sampled distribution is ``p``
-renormalised over ``V_t ∪ {eos}`` and ``q(eos) >= p(eos)`` at every step (METHODS.md, section 2). They are
-thin wrappers around :func:`decoding.transforms.truncate` with ``consistent=True``.
+renormalised over ``V_t ∪ {eos}`` and ``q(eos) >= p(eos)`` at every step: a model whose ``p(eos)`` is
+bounded away from 0 then terminates with probability 1 (Welleck et al. 2020, "Consistency of a recurrent
+language model with respect to incomplete decoding"). They are thin wrappers around
+:func:`decoding.transforms.truncate` with ``consistent=True``.
 
 Usage::
 

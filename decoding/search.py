@@ -19,7 +19,8 @@ from .records import StepRecord
 from .streaming import StreamSink
 from .transforms import apply_temperature, truncate
 
-__all__ = ["SearchResult", "Refill", "Uniforms", "PromptNoise", "sample_search", "beam_search", "Processor"]
+__all__ = ["SearchResult", "Refill", "Uniforms", "PromptNoise", "sample_search", "beam_search", "Processor",
+           "refill_blocker"]
 
 # A logits processor inside the loop: (history [B, T], scores [B, V], prompt_index [B]) -> scores [B, V].
 # prompt_index says which prompt each row decodes, so processors with per-prompt data (e.g. how much left
@@ -199,6 +200,28 @@ class Refill:
         return self.admit(count)
 
 
+def refill_blocker(options: DecodeOptions, *, batch_wide_processors: bool) -> str | None:
+    """Why finished rows cannot be refilled with new prompts in this call, or None when they can.
+
+    The one place this is decided. Refilled rows are at different lengths, so nothing may read the batch as
+    one (logits processors, stopping criteria); finished rows must leave the batch (``drop_finished``); and
+    beam sampling decodes its prompts in chunks instead.
+    """
+    if not options.drop_finished:
+        return "drop_finished=False keeps finished rows in the batch"
+    if batch_wide_processors or options.stopping_criteria:
+        return "logits processors and stopping criteria need every row at the same length"
+    if options.is_beam_search and options.do_sample:
+        return "beam sampling decodes its prompts in chunks"
+    return None
+
+
+def _check_refill(refill: Refill | None, options: DecodeOptions, processors: Sequence[Processor]) -> None:
+    blocker = None if refill is None else refill_blocker(options, batch_wide_processors=bool(processors))
+    if blocker is not None:
+        raise ValueError(f"refill: rows cannot be refilled here: {blocker}")
+
+
 class Uniforms:
     """The uniform numbers sampling draws, one ``torch.rand(N)`` per decoding step over all ``N`` output rows
     of a ``generate`` call, drawn in step order into a table that doubles as the decode gets longer.
@@ -344,9 +367,7 @@ def sample_search(
         draws: the random numbers of these rows (a view of a whole call's, when it decodes in chunks);
             drawn from ``options.generator`` for these rows alone when None.
     """
-    if refill is not None and (processors or options.stopping_criteria or not options.drop_finished):
-        raise ValueError("refilling rows needs drop_finished and no logits processors or stopping criteria (rows "
-                         "are at different lengths)")
+    _check_refill(refill, options, processors)
     _check_vocab(model, logits)
     expand, max_new = options.num_return_sequences, options.max_new_tokens
     device, prefix_len = prefix.device, prefix.shape[1]
@@ -380,14 +401,8 @@ def sample_search(
         scores = _warp(processed, options, eos)
         if score_record is not None:
             score_record.add(active.rows, active.steps, scores)
-        if options.do_sample:
-            checks = [logits.amax(dim=-1)] + ([processed.amax(dim=-1)] if processors else [])
-            tokens, mass = _sample_rows(scores, draws.take(active.steps, active.rows, upto=step + 1))
-            checks.append(mass)
-        else:
-            best, tokens = scores.max(dim=-1)   # max propagates NaN: the maxima double as the NaN check
-            tokens = _prefer_eos(scores, best, tokens, eos)
-            checks = [best] if scores is logits else [logits.amax(dim=-1), best]
+        tokens, checks = _next_tokens(logits, processed if processors else None, scores, active, options=options,
+                                      eos=eos, draws=draws, step=step)
         if alive is not None:  # finished rows stay in the batch and are fed pad, as transformers does
             tokens = torch.where(alive, tokens, options.pad_token_id)
         active.work.scatter_(1, (prefix_len + active.steps).unsqueeze(1), tokens.unsqueeze(1))
@@ -405,10 +420,7 @@ def sample_search(
             stream.step(active.rows[running], tokens[running], _end_codes(ended, capped, stopped)[running])
         bar.update(1 if refill is None else n_finished)
         if n_finished:
-            gone = finished.nonzero().squeeze(1)
-            out[active.rows[gone]] = active.work[gone]
-            lengths[active.rows[gone]] = active.steps[gone]
-            terminated[active.rows[gone]] = ended[gone]
+            _store_finished(finished, ended, active, out=out, lengths=lengths, terminated=terminated)
             n_running -= n_finished
             if alive is not None:
                 alive = alive & ~finished
@@ -440,6 +452,31 @@ def sample_search(
                         state=state if whole_batch else None,
                         step_scores=None if score_record is None else score_record.assemble(n_rows),
                         step_logits=None if logit_record is None else logit_record.assemble(n_rows))
+
+
+def _next_tokens(logits: torch.Tensor, processed: torch.Tensor | None, scores: torch.Tensor, active: _Active, *,
+                 options: DecodeOptions, eos: torch.LongTensor | None, draws: Uniforms | None,
+                 step: int) -> tuple[torch.LongTensor, list[torch.Tensor]]:
+    """``[n]`` one token per active row from its final ``scores``: sampled with the row's own uniform number,
+    or greedy with ties broken toward eos; and the row values :func:`_check_step` checks (``processed``: the
+    scores after the logits processors, None when there are none)."""
+    if options.do_sample:
+        checks = [logits.amax(dim=-1)] + ([processed.amax(dim=-1)] if processed is not None else [])
+        tokens, mass = _sample_rows(scores, draws.take(active.steps, active.rows, upto=step + 1))
+        return tokens, checks + [mass]
+    best, tokens = scores.max(dim=-1)   # max propagates NaN: the maxima double as the NaN check
+    tokens = _prefer_eos(scores, best, tokens, eos)
+    return tokens, [best] if scores is logits else [logits.amax(dim=-1), best]
+
+
+def _store_finished(finished: torch.BoolTensor, ended: torch.BoolTensor, active: _Active, *, out: torch.LongTensor,
+                    lengths: torch.LongTensor, terminated: torch.BoolTensor) -> None:
+    """Write the rows that finished this step into the outputs ``out [N, P + L]``, ``lengths [N]`` and
+    ``terminated [N]`` (``ended``: by eos)."""
+    gone = finished.nonzero().squeeze(1)
+    out[active.rows[gone]] = active.work[gone]
+    lengths[active.rows[gone]] = active.steps[gone]
+    terminated[active.rows[gone]] = ended[gone]
 
 
 @dataclass
@@ -539,10 +576,7 @@ def beam_search(
     finished hypotheses by their summed log-probability (no length penalty); a prompt with none by
     ``max_new_tokens`` returns its best running beam, unfinished.
     """
-    if refill is not None and (processors or options.stopping_criteria or options.do_sample
-                               or not options.drop_finished):
-        raise ValueError("refilling beams needs drop_finished, no sampling, no logits processors and no stopping "
-                         "criteria")
+    _check_refill(refill, options, processors)
     _check_vocab(model, logits)
     nb, max_new = options.num_beams, options.max_new_tokens
     capacity = min(max_new, FIRST_CAPACITY)  # generated columns held; doubles when a beam outgrows it
@@ -553,7 +587,6 @@ def beam_search(
     eos = torch.tensor(options.eos_token_ids, device=device) if options.eos_token_ids else None
     keep_k = max(2, 1 + len(options.eos_token_ids)) * nb
     top_nb = torch.arange(keep_k, device=device) < nb                        # [K]
-    papers = options.beam_rule == "papers"
 
     def start(logits, state, prefix, first_prompt):
         expand = torch.arange(prefix.shape[0], device=device).repeat_interleave(nb)
@@ -571,82 +604,24 @@ def beam_search(
         if step == capacity:
             capacity = _grown_capacity(capacity, step + 1, max_new)
             beams.widen(prefix_len + capacity, options.pad_token_id)
-        cur_len, n_active = prefix_len + step, beams.prompts.numel()
-        history = beams.run_seq.reshape(n_active * nb, -1)[:, :cur_len]   # processors: never when refilling
+        n_active = beams.prompts.numel()
+        history = beams.run_seq.reshape(n_active * nb, -1)[:, :prefix_len + step]  # processors: never when refilling
         beam_prompts = beams.prompts.repeat_interleave(nb)
         beam_rows, beam_steps = (beams.prompts[:, None] * nb + beam_slot).view(-1), beams.steps.repeat_interleave(nb)
         if logit_record is not None:
             logit_record.add(beam_rows, beam_steps, logits)
-        log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1), beam_prompts)
-        checks = [log_probs.amax(dim=-1)]  # log_softmax spreads a NaN logit over its whole row
-        warped = _warp(log_probs, options, eos)
-        if warped is not log_probs:  # sampling's warpers or renormalize_logits
-            checks.append(warped.amax(dim=-1))
-        log_probs = warped
+        log_probs, checks = _beam_log_probs(logits, processors, history, beam_prompts, options, eos)
         if score_record is not None:
             score_record.add(beam_rows, beam_steps, log_probs)
-        vocab = log_probs.shape[-1]
-        accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
-        if options.do_sample:
-            # Gumbel top-k = sampling keep_k continuations without replacement; noise drawn for every prompt.
-            uniform = draws.draw(beams.prompts, nb * vocab)
-            keys = accumulated - torch.log(-torch.log(uniform.clamp_min(1e-20)))
-            top_index = keys.topk(keep_k, dim=-1).indices
-            top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
-            top_index = top_index.gather(1, order)
-        else:
-            top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
-        parent, token = top_index // vocab, top_index % vocab
-        cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
-        column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
-        cand_seq.scatter_(2, column, token.unsqueeze(-1))
-        cand_parents = _gather(beams.run_parents, parent)                     # [A, K, W]
-        if cand_parents.shape[-1]:
-            cand_parents.scatter_(2, beams.steps[:, None, None].expand(-1, keep_k, 1),
-                                  parent.unsqueeze(-1).to(cand_parents.dtype))
+        top_lp, parent, token = _top_candidates(log_probs, beams, keep_k, options=options, draws=draws)
+        cand_seq, cand_parents = _extend(beams, parent, token, prefix_len=prefix_len)
         generated = beams.steps + 1                                           # [A] length after this token
         hits = _is_eos(token, eos) | (generated >= max_new)[:, None]
         if options.stopping_criteria:  # candidates judged as transformers judges them (no scores)
-            hits = hits | _stopped(options, cand_seq[:, :, :cur_len + 1].reshape(n_active * keep_k, -1),
+            hits = hits | _stopped(options, cand_seq[:, :, :prefix_len + step + 1].reshape(n_active * keep_k, -1),
                                    None).view(n_active, keep_k)
-
-        # Running beams for the next step: the best nb candidates that did not finish.
-        running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
-        next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
-        beams.run_seq = _gather(cand_seq, next_index)
-        beams.run_score = _gather(running_lp, next_index)
-        beams.run_parents = _gather(cand_parents, next_index)
-        run_parent = _gather(parent, next_index)
-
-        # Finished list: candidates among the top nb that just finished, if they beat the current ones.
-        just = hits & top_nb[None, :]
-        fin_cand = top_lp if papers else top_lp / _length_divisor(generated, options.length_penalty)
-        full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
-        fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
-        fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
-        fin_cand = fin_cand + (~just) * _BIG_NEGATIVE
-        merged_score = torch.cat([beams.fin_score, fin_cand], dim=1)
-        best = merged_score.topk(nb, dim=-1).indices
-        beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
-        beams.fin_score = _gather(merged_score, best)
-        beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
-        beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(token)], dim=1), best)
-        beams.fin_parents = _gather(torch.cat([beams.fin_parents, cand_parents], dim=1), best)
-        beams.steps = generated
-
-        # Can the best running beam still beat the worst finished one?
-        never = options.early_stopping == "never" and options.length_penalty > 0.0
-        best_len = torch.full_like(generated, max_new) if never else generated
-        best_running = beams.run_score[:, :1] / _length_divisor(best_len, options.length_penalty)
-        worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values,
-                                     _BIG_NEGATIVE)
-        beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        if papers:  # stop at the first step where one of the nb best candidates ends in eos, or at L
-            done = (_is_eos(token, eos) & top_nb[None, :]).any(dim=-1) | hits.all(dim=-1)
-        else:
-            done = ~beams.open.squeeze(1) | hits.all(dim=-1)
-        if options.early_stopping is True and not papers:
-            done = done | beams.fin_flag.all(dim=-1)
+        run_parent = _advance(beams, top_lp, parent, cand_seq, cand_parents, hits, top_nb, options=options)
+        done = _prompts_done(beams, token, hits, top_nb, options=options, eos=eos)
         n_done = _check_step(step, checks, done.sum(), lambda: _explain(
             step, logits, processors, history, beam_prompts, options, normalise=True))
         bar.update(1 if refill is None else n_done)
@@ -679,6 +654,99 @@ def beam_search(
     collected = _collect_beams(results, n_prompts, options, eos, prefix_len)
     return replace(collected, step_scores=None if score_record is None else score_record.assemble(n_prompts * nb),
                    step_logits=None if logit_record is None else logit_record.assemble(n_prompts * nb))
+
+
+def _beam_log_probs(logits: torch.Tensor, processors: Sequence[Processor], history: torch.LongTensor,
+                    beam_prompts: torch.LongTensor, options: DecodeOptions,
+                    eos: torch.LongTensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``[A x nb, V]`` the beams' processed (and, when sampling, warped) log-probabilities, and the row
+    maxima :func:`_check_step` checks."""
+    log_probs = _apply(processors, history, torch.log_softmax(logits.float(), dim=-1), beam_prompts)
+    checks = [log_probs.amax(dim=-1)]  # log_softmax spreads a NaN logit over its whole row
+    warped = _warp(log_probs, options, eos)
+    if warped is not log_probs:  # sampling's warpers or renormalize_logits
+        checks.append(warped.amax(dim=-1))
+    return warped, checks
+
+
+def _top_candidates(log_probs: torch.Tensor, beams: _Beams, keep_k: int, *, options: DecodeOptions,
+                    draws: PromptNoise | None) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
+    """The ``keep_k`` best continuations of each prompt's beams, best first: ``(summed log-probability,
+    parent beam, token)``, each ``[A, K]``. Beam sampling draws them without replacement instead (Gumbel
+    top-k), with noise from each prompt's own stream."""
+    n_active, nb, vocab = beams.prompts.numel(), options.num_beams, log_probs.shape[-1]
+    accumulated = (log_probs.view(n_active, nb, vocab) + beams.run_score[:, :, None]).view(n_active, -1)
+    if options.do_sample:
+        uniform = draws.draw(beams.prompts, nb * vocab)
+        keys = accumulated - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        top_index = keys.topk(keep_k, dim=-1).indices
+        top_lp, order = accumulated.gather(1, top_index).sort(dim=-1, descending=True)
+        top_index = top_index.gather(1, order)
+    else:
+        top_lp, top_index = accumulated.topk(keep_k, dim=-1)             # [A, K]
+    return top_lp, top_index // vocab, top_index % vocab
+
+
+def _extend(beams: _Beams, parent: torch.LongTensor, token: torch.LongTensor, *,
+            prefix_len: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """The candidates' sequences ``[A, K, P + L]`` (parent beam + token) and parent records ``[A, K, W]``."""
+    keep_k = token.shape[1]
+    cand_seq = _gather(beams.run_seq, parent)                             # [A, K, P + L]
+    column = (prefix_len + beams.steps)[:, None, None].expand(-1, keep_k, 1)
+    cand_seq.scatter_(2, column, token.unsqueeze(-1))
+    cand_parents = _gather(beams.run_parents, parent)                     # [A, K, W]
+    if cand_parents.shape[-1]:
+        cand_parents.scatter_(2, beams.steps[:, None, None].expand(-1, keep_k, 1),
+                              parent.unsqueeze(-1).to(cand_parents.dtype))
+    return cand_seq, cand_parents
+
+
+def _advance(beams: _Beams, top_lp: torch.Tensor, parent: torch.LongTensor, cand_seq: torch.LongTensor,
+             cand_parents: torch.Tensor, hits: torch.BoolTensor, top_nb: torch.BoolTensor, *,
+             options: DecodeOptions) -> torch.LongTensor:
+    """One step of every prompt's beams, in place: the best ``nb`` candidates that did not finish run on;
+    candidates among the top ``nb`` that finished enter the finished list if they beat what it holds.
+    Returns ``[A, nb]`` the beam each running beam extended."""
+    nb, generated = options.num_beams, beams.steps + 1
+    running_lp = top_lp + hits.to(torch.float32) * _BIG_NEGATIVE
+    next_index = running_lp.topk(nb, dim=-1).indices                     # [A, nb]
+    beams.run_seq = _gather(cand_seq, next_index)
+    beams.run_score = _gather(running_lp, next_index)
+    beams.run_parents = _gather(cand_parents, next_index)
+
+    just = hits & top_nb[None, :]
+    papers = options.beam_rule == "papers"
+    fin_cand = top_lp if papers else top_lp / _length_divisor(generated, options.length_penalty)
+    full = beams.fin_flag.all(dim=-1, keepdim=True) & (options.early_stopping is True)
+    fin_cand = fin_cand + full.to(torch.float32) * _BIG_NEGATIVE
+    fin_cand = fin_cand + (~beams.open).to(torch.float32) * _BIG_NEGATIVE
+    fin_cand = fin_cand + (~just) * _BIG_NEGATIVE
+    merged_score = torch.cat([beams.fin_score, fin_cand], dim=1)
+    best = merged_score.topk(nb, dim=-1).indices
+    beams.fin_seq = _gather(torch.cat([beams.fin_seq, cand_seq], dim=1), best)
+    beams.fin_score = _gather(merged_score, best)
+    beams.fin_flag = _gather(torch.cat([beams.fin_flag, just], dim=1), best)
+    beams.fin_len = _gather(torch.cat([beams.fin_len, generated[:, None].expand_as(just)], dim=1), best)
+    beams.fin_parents = _gather(torch.cat([beams.fin_parents, cand_parents], dim=1), best)
+    beams.steps = generated
+    return _gather(parent, next_index)
+
+
+def _prompts_done(beams: _Beams, token: torch.LongTensor, hits: torch.BoolTensor, top_nb: torch.BoolTensor, *,
+                  options: DecodeOptions, eos: torch.LongTensor | None) -> torch.BoolTensor:
+    """``[A]`` the prompts whose search ends now; updates ``beams.open`` (can the best running beam still
+    beat the worst finished one?) in place."""
+    never = options.early_stopping == "never" and options.length_penalty > 0.0
+    best_len = torch.full_like(beams.steps, options.max_new_tokens) if never else beams.steps
+    best_running = beams.run_score[:, :1] / _length_divisor(best_len, options.length_penalty)
+    worst_finished = torch.where(beams.fin_flag, beams.fin_score.min(dim=1, keepdim=True).values, _BIG_NEGATIVE)
+    beams.open = beams.open & (best_running > worst_finished).any(dim=-1, keepdim=True)
+    if options.beam_rule == "papers":  # the first step where one of the nb best candidates ends in eos, or L
+        return (_is_eos(token, eos) & top_nb[None, :]).any(dim=-1) | hits.all(dim=-1)
+    done = ~beams.open.squeeze(1) | hits.all(dim=-1)
+    if options.early_stopping is True:
+        done = done | beams.fin_flag.all(dim=-1)
+    return done
 
 
 def _stream_finished(stream: StreamSink, beams: _Beams, options: DecodeOptions, eos: torch.LongTensor | None,

@@ -6,7 +6,8 @@ role, bit for bit on the kept sets, including tie handling and ``min_tokens_to_k
 
 Truncation rules come as boolean *keep-masks* ``[B, V]`` (True = the rule does not remove the entry; an
 entry that is already ``-inf`` stays ``-inf`` after masking whatever the mask says). A consistent sampler
-(METHODS.md, section 2) is then one ``|``::
+(Welleck et al. 2020, "Consistency of a recurrent language model with respect to incomplete decoding":
+candidate set ``V'_t = V_t ∪ {eos}``, ``p`` renormalised over it) is then one ``|``::
 
     kept = truncation_keep(scores, Truncation(top_p=0.9))   # [B, V]
     kept = with_eos(kept, eos_token_ids)                     # V' = V_mu ∪ {eos}
@@ -470,7 +471,7 @@ def truncate(
 
     ``kept = truncation_keep(scores, truncation)``; if ``consistent``, eos is added back to ``kept`` with its
     own score, so the sampler's softmax renormalises ``p`` over ``V_t ∪ {eos}`` and ``q(eos) >= p(eos)``
-    (METHODS.md, section 2).
+    (a consistent sampler in the sense of Welleck et al. 2020).
 
     Args:
         scores: ``[B, V]`` logits, temperature already applied.

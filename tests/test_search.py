@@ -251,3 +251,40 @@ def test_papers_beam_rule_rejects_options_it_would_ignore(bad):
     with pytest.raises(ValueError, match="beam_rule|length_penalty|early_stopping"):
         generate(TableModel(TABLE), torch.tensor([[A]]), num_beams=2, max_new_tokens=4, eos_token_id=EOS_ID,
                  pad_token_id=B, **bad)
+
+
+# ----------------------------------------------------------------------------------------- refill rule
+def _options(**kwargs):
+    from decoding.options import resolve_options
+
+    model = type("Model", (), {"generation_config": None})()
+    return resolve_options(model, prefix_length=1, vocab_size=3, is_encoder_decoder=False,
+                           kwargs={"max_new_tokens": 4, "eos_token_id": EOS_ID, **kwargs})
+
+
+def test_refill_blocker_names_what_keeps_rows_from_being_refilled():
+    from dataclasses import replace
+
+    from decoding.search import refill_blocker
+
+    assert refill_blocker(_options(), batch_wide_processors=False) is None
+    assert refill_blocker(_options(num_beams=2), batch_wide_processors=False) is None
+    assert "processors" in refill_blocker(_options(), batch_wide_processors=True)
+    assert "drop_finished" in refill_blocker(replace(_options(), drop_finished=False), batch_wide_processors=False)
+    assert "stopping" in refill_blocker(replace(_options(), stopping_criteria=(lambda ids, scores: False,)),
+                                        batch_wide_processors=False)
+    assert "beam sampling" in refill_blocker(_options(num_beams=2, do_sample=True), batch_wide_processors=False)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_search_refuses_a_refill_the_rule_forbids(beams):
+    from decoding.search import Refill, beam_search, sample_search
+
+    model = TableModel(TABLE)
+    prefix = torch.tensor([[A]])
+    logits, state, prefix = model.prefill(prefix, torch.ones_like(prefix))
+    refill = Refill(admit=model.prefill, merge=lambda s, o: torch.cat([s, o]), prompts=1, capacity=2, threshold=1)
+    search = beam_search if beams > 1 else sample_search
+    with pytest.raises(ValueError, match="refill: .*processors"):
+        search(model, logits, state, prefix, options=_options(num_beams=beams),
+               processors=[lambda history, scores, prompt_index: scores], refill=refill)

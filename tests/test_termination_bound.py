@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from decoding import generate, make_self_terminating, termination_bound
-from decoding.self_terminating import SelfTerminatingStepModel, self_terminating_log_probs
+from decoding.heads import self_terminating_log_probs
+from decoding.models.self_terminating import SelfTerminatingStepModel
 from tests.tiny_models import left_padded_prompts, tiny_model
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from decoding.adapters import hf_step_model
-from decoding.kv_cache import ReservedLayer, reserve_cache
+from decoding.models.adapters import hf_step_model
+from decoding.models.kv_cache import ReservedLayer, reserve_cache
 from tests.tiny_models import DECODER_ONLY, ENCODER_DECODER, left_padded_prompts, tiny_model
 
 
@@ -94,7 +94,7 @@ def test_step_model_cache_is_reserved_and_logits_bit_identical(kind, monkeypatch
     logits_a, state_a, _ = reserved.prefill(ids, mask)
     assert all(isinstance(layer, ReservedLayer) for layer in _self_attention_layers(state_a.cache))
     # the reference keeps transformers' own concatenating layers
-    monkeypatch.setattr("decoding.adapters.reserve_cache", lambda cache, reserve: cache)
+    monkeypatch.setattr("decoding.models.adapters.reserve_cache", lambda cache, reserve: cache)
     logits_b, state_b, _ = plain.prefill(ids, mask)
     assert not any(isinstance(layer, ReservedLayer) for layer in _self_attention_layers(state_b.cache))
     assert torch.equal(logits_a, logits_b)

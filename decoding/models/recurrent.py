@@ -3,12 +3,12 @@
 As in the self-terminating papers (Welleck et al. 2020; Choi et al. 2023): 2 layers, tied input and
 output embeddings (embedding size = hidden size); the RNN has 256 hidden units and dropout 0.3, the LSTM
 512 and 0.5. The output layer's eos row gives the ST / NMST sigmoid's logit; the math is
-:mod:`decoding.self_terminating`'s, shared with the transformers wrapper.
+:mod:`decoding.heads`'s, shared with the transformers wrapper.
 
 ``forward`` returns log-probabilities ``[B, T, V]`` for every head and, given labels, the mean NLL (the
 same shifted loss as a transformers causal LM), so :func:`training.lm.train_lm` trains it. Decoding goes
 through ``as_step_model()``: a :class:`RecurrentStepModel` (raw logits) for the vanilla head, wrapped in
-a :class:`~decoding.self_terminating.SelfTerminatingStepModel` for st / nmst.
+a :class:`~decoding.models.self_terminating.SelfTerminatingStepModel` for st / nmst.
 
 Example::
 
@@ -28,13 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .self_terminating import (
-    SelfTerminatingStepModel,
-    check_eos_token_id,
-    check_epsilon,
-    context_mask_from_labels,
-    self_terminating_log_probs,
-)
+from ..heads import check_eos_token_id, check_epsilon, context_mask_from_labels, self_terminating_log_probs
+from ..protocol import StepModelBase
+from .self_terminating import SelfTerminatingStepModel
 
 __all__ = [
     "RecurrentLM",
@@ -262,7 +258,7 @@ class RecurrentLM(nn.Module):
         )
 
 
-class RecurrentStepModel:
+class RecurrentStepModel(StepModelBase):
     """:class:`~decoding.protocol.StepModel` over a :class:`RecurrentLM`, returning raw logits ``[B, V]``.
 
     State: the recurrent state, ``h [L, B, H]`` (RNN) or ``(h, c)`` (LSTM). Prefill packs away left
@@ -270,6 +266,7 @@ class RecurrentStepModel:
     """
 
     fresh_logits = True  # output_logits makes a new tensor at every call
+    can_merge = True     # recurrent states concatenate along the batch dimension
 
     def __init__(self, model: RecurrentLM) -> None:
         self.model = model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoding.generate import generate
-from decoding.models import (
+from decoding.models.recurrent import (
     RecurrentLM,
     RecurrentLMConfig,
     RecurrentStepModel,
@@ -15,7 +15,7 @@ from decoding.models import (
     rnn_lm,
     save_recurrent_lm,
 )
-from decoding.self_terminating import SelfTerminatingStepModel
+from decoding.models.self_terminating import SelfTerminatingStepModel
 
 VOCAB = 30
 HEADS = [("vanilla", None), ("st", 0.1), ("nmst", 0.1)]
