@@ -43,16 +43,16 @@ from typing import Any
 
 import torch
 
-from benchmarks import data
-from benchmarks.data import settings_key
+from benchmarks import datasets
+from benchmarks.datasets import settings_key
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
-from training.data import ParallelText, encode_parallel, read_parallel
+from training.parallel_text import ParallelText, encode_parallel, read_parallel
 from training.evaluate import Translations, score_translations, translate
 from training.loop import LoopConfig, load_best, train
 from training.mgs import MGSConfig, MGSStep
-from training.models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
 from training.plateau import PlateauRule
 from training.steps import MLEStep, MRTStep, PGStep
 from training.task import Seq2SeqTask
@@ -157,9 +157,9 @@ def write_json(path: Path, payload: Any) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 def data_folder(data_dir: str | None, settings: Settings) -> Path:
-    """The multi30k folder: ``--data-dir``, else benchmarks.data's rules (env var, cache), else
+    """The multi30k folder: ``--data-dir``, else benchmarks.datasets's rules (env var, cache), else
     ``../shared/data`` beside the repository."""
-    from benchmarks.data import MULTI30K_SHA256, MULTI30K_SOURCES, DATA_ENV, locate_dataset
+    from benchmarks.datasets import MULTI30K_SHA256, MULTI30K_SOURCES, DATA_ENV, locate_dataset
 
     files = [f"{split}.{side}" for split in ("train", "val", *settings.test_sets) for side in ("de", "en")]
     if data_dir is None and not os.environ.get(DATA_ENV) and (REPO.parent / "shared/data/multi30k").is_dir():

@@ -3,7 +3,7 @@
     python -m benchmarks.smollm2_frontier [--data-dir ../shared/data] [--out DIR] [--cache-dir DIR] [--seed 0]
         [--models 'ft-st-*'] [--threads N] [--no-progress] [--report-only] [--list]
 
-SmolLM2-135M-Instruct (:mod:`benchmarks.nontermination_smollm2`: WikiText-2 lines, first 10 tokens = prompt,
+SmolLM2-135M-Instruct (:mod:`benchmarks.smollm2`: WikiText-2 lines, first 10 tokens = prompt,
 the top ``train_layers`` layers, final norm and eos row trained over frozen lower layers) is fine-tuned from
 the same weights on the same train lines in the same order, one pass of ``finetune_tokens`` tokens each:
 
@@ -47,10 +47,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
+from benchmarks.datasets import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
 from benchmarks.nontermination import format_epsilon, select
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
-from benchmarks.nontermination_smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
+from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
 from training.mgs import MGSConfig, MGSStep
 from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
 
@@ -256,7 +256,7 @@ def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
 
 def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_dir: str | None, progress: bool) -> None:
     """Fine-tune, continue and decode whatever the cache lacks, model by model (vanilla first)."""
-    from benchmarks.nontermination_smollm2 import load_smol_data, load_smollm2
+    from benchmarks.smollm2 import load_smol_data, load_smollm2
 
     heads = finetune_heads(settings)
     wanted = [name for name in all_models(settings) if name in models and _missing_work(name, root, settings)]

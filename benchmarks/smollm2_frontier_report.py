@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.nontermination_cells import CellResult
-from benchmarks.nontermination_smollm2 import write_text
+from benchmarks.smollm2 import write_text
 from decoding.self_terminating import termination_bound
 from training.self_terminating_finetune import perplexity_tax
 

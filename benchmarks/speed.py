@@ -213,7 +213,7 @@ def load_lstm(checkpoint: str | None) -> Subject:
     bias of +5, so that greedy rows stop after a roughly geometric number of steps (mean ~100) instead of
     all collapsing onto one fixed point, as an untouched random LSTM does.
     """
-    from benchmarks.data import Vocabulary, load_wikitext
+    from benchmarks.datasets import Vocabulary, load_wikitext
     from decoding.models import load_recurrent_lm, lstm_lm
 
     vocab = Vocabulary.build(load_wikitext(DATA_DIR, splits=("train",))["train"])
@@ -258,7 +258,7 @@ def load_smollm2_self_terminating(kind: str, folder: Path | None) -> Subject:
     its quick settings); run ``python -m benchmarks.nontermination --quick`` first to make it.
     """
     from benchmarks.nontermination import QUICK, cache_key, default_cache_dir
-    from benchmarks.nontermination_smollm2 import EosHead
+    from benchmarks.smollm2 import EosHead
     from decoding.self_terminating import make_self_terminating
 
     folder = folder or default_cache_dir() / cache_key(QUICK) / "models"
@@ -540,7 +540,7 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
     ``max_batch_size`` = the rows of one batch (continuous batching), its contenders alternating with each
     other; its tokens are checked against the baseline's batches (greedy and beam).
     """
-    from benchmarks.data import prompt_batch
+    from benchmarks.datasets import prompt_batch
 
     baseline = "transformers" if subject.is_hf else "ours-keep-finished"
     sampling = bool(WORKLOAD_STRATEGIES[strategy].get("do_sample"))

@@ -77,7 +77,7 @@ class WordTokenizer:
 
 
 def tiny_smollm2() -> tuple[WordTokenizer, LlamaForCausalLM]:
-    """``(tokenizer, model)`` standing in for :func:`benchmarks.nontermination_smollm2.load_smollm2`: a
+    """``(tokenizer, model)`` standing in for :func:`benchmarks.smollm2.load_smollm2`: a
     2-layer Llama with tied embeddings whose eos is 2, as SmolLM2's."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -15,7 +15,8 @@ Example, fine-tuning a translation model against BLEU with MGS::
 
 from .checkpoint import atomic_save, load_checkpoint, model_signature
 from .costs import COSTS, Decoded, get_cost
-from .data import Batch, EncodedParallel, ParallelText, encode_parallel, epoch_batches, make_batch, read_parallel
+from .parallel_text import (Batch, EncodedParallel, ParallelText, encode_parallel, epoch_batches, make_batch,
+                            read_parallel)
 from .decode import Hypotheses, decode
 from .evaluate import TranslationScores, Translations, score_translations, translate
 from .lm import collate_lm_batch, evaluate_perplexity, train_lm
@@ -24,7 +25,7 @@ from .losses import MovingAverageBaseline, length_normalised, mle_loss, mrt_loss
 from .mgs import MGSConfig, MGSStep, candidate_costs, importance_log_weights, log_proposal_density
 from .self_terminating_finetune import (EpsilonChoice, choose_epsilon, finetune_self_terminating, fit_eos_row,
                                         perplexity_tax, sampled_nontermination_bound)
-from .models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from .seq2seq import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
 from .plateau import PlateauRule
 from .steps import MLEStep, MRTStep, PGStep, UpdateStep
 from .task import Seq2SeqTask, SequenceTask

@@ -29,6 +29,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from decoding.metrics import perplexity
+
+from .checkpoint import atomic_save
+from .padding import pad_rows
+
 __all__ = [
     "EpochRecord",
     "TrainingHistory",
@@ -90,15 +95,10 @@ def collate_lm_batch(
         raise ValueError("sequences must be a non-empty list of non-empty token lists")
     if context_lengths is not None and len(context_lengths) != len(sequences):
         raise ValueError(f"context_lengths must have one entry per sequence ({len(sequences)})")
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device="cpu")  # host batch
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long, device="cpu")
-        attention_mask[row, : len(sequence)] = 1
+    input_ids, attention_mask = pad_rows(sequences, pad_token_id=pad_token_id)  # [B, T] each, on the host
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     if context_lengths is not None:
-        positions = torch.arange(width, device="cpu").unsqueeze(0)  # [1, T]
+        positions = torch.arange(input_ids.shape[1], device="cpu").unsqueeze(0)  # [1, T]
         labels = labels.masked_fill(positions < torch.as_tensor(list(context_lengths), device="cpu").unsqueeze(1), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -161,7 +161,7 @@ def evaluate_perplexity(
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError("batches hold no labelled token to evaluate")
-    return math.exp(total_nll / total_tokens)
+    return perplexity(total_nll, total_tokens)
 
 
 def _epoch_metrics(
@@ -173,12 +173,6 @@ def _epoch_metrics(
         return {name: float(value) for name, value in on_epoch_end(model, epoch).items()}
     finally:
         model.train(was_training)
-
-
-def _atomic_save(payload: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _check_options(epochs: int, lr: float, clip: float | None, patience: int, lr_decay: float) -> None:
@@ -223,7 +217,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    _atomic_save(payload, path)
+    atomic_save(payload, path)
 
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Progress:
@@ -359,7 +353,7 @@ def train_lm(
             state.bad_epochs = 0
             best_weights = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
             if directory is not None:
-                _atomic_save(best_weights, directory / BEST_WEIGHTS)
+                atomic_save(best_weights, directory / BEST_WEIGHTS)
         else:
             state.bad_epochs += 1
             state.learning_rate *= lr_decay

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
-from .data import Batch
+from .parallel_text import Batch
 from .task import SequenceTask
 
 __all__ = ["MGSConfig", "mle_direction", "sample_candidates", "candidate_costs", "log_proposal_density",

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .data import Batch
+from .parallel_text import Batch
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
 from .task import Seq2SeqTask, SequenceTask
 

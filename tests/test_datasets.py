@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.data import (
+from benchmarks.datasets import (
     CACHE_ENV,
     DATA_ENV,
     MULTI30K_SHA256,

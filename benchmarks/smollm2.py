@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
+from benchmarks.datasets import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
 from decoding.self_terminating import (check_epsilon, check_kind, context_mask_from_labels, make_self_terminating,
                                       self_terminating_log_probs)
 from training.checkpoint import atomic_save

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from training.data import ParallelText, encode_parallel, make_batch
+from training.parallel_text import ParallelText, encode_parallel, make_batch
 from training.decode import decode
 from training.losses import mle_loss, teacher_forced_logits
 from training.mgs import MGSConfig, MGSStep

@@ -13,11 +13,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import benchmarks.nontermination_report as report_module
-import benchmarks.nontermination_smollm2 as smol_module
+import benchmarks.smollm2 as smol_module
 import benchmarks.nontermination_words as words_module
 from benchmarks import nontermination as nt
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_metrics
-from benchmarks.nontermination_smollm2 import SmolSettings, detokenize_wikitext
+from benchmarks.smollm2 import SmolSettings, detokenize_wikitext
 from benchmarks.nontermination_words import WordSettings
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

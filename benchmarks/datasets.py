@@ -631,7 +631,7 @@ def prompt_batch(prompts: Sequence[Sequence[int]], *, pad_id: int) -> PromptBatc
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m benchmarks.data [--data-dir D] [NAME ...]``: locate (download) datasets, print folders."""
+    """``python -m benchmarks.datasets [--data-dir D] [NAME ...]``: locate (download) datasets, print folders."""
     known = {
         "wikitext-2": (WIKITEXT2_SHA256, WIKITEXT2_SOURCES),
         "multi30k": (MULTI30K_SHA256, MULTI30K_SOURCES),
