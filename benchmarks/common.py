@@ -43,7 +43,6 @@ __all__ = [
     "REPO",
     "cache_root",
     "settings_key",
-    "write_text",
     "write_json",
     "command_line",
     "git",
@@ -75,11 +74,6 @@ def settings_key(settings: Any) -> str:
     numbers those settings decide."""
     values = settings if isinstance(settings, dict) else asdict(settings)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`training.checkpoint.atomic_write_text`)."""
-    atomic_write_text(path, text)
 
 
 def write_json(path: Path, payload: Any, *, indent: int = 2) -> None:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from benchmarks.common import write_text
 from decoding.generate import generate
-from training.decode import eos_lengths
 from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
+from training.checkpoint import atomic_write_text
+from training.decode import eos_lengths
 
 __all__ = [
     "DecoderSpec",
@@ -273,7 +273,7 @@ def _strip_fill(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
 
 def save_cell(result: CellResult, path: Path) -> None:
     """Write a cell's result as JSON, atomically."""
-    write_text(path, json.dumps(result.__dict__))
+    atomic_write_text(path, json.dumps(result.__dict__))
 
 
 def load_cell(path: Path) -> CellResult | None:

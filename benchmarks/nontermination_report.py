@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import pyplot, report_header, save_figure, write_text
+from benchmarks.common import pyplot, report_header, save_figure
 from benchmarks.nontermination_cells import DECODERS, CellResult
+from training.checkpoint import atomic_write_text
 
 __all__ = ["markdown_report", "json_report", "write_outputs", "plot_lengths", "plot_epochs",
            "degenerate", "MODE_CEILING"]
@@ -250,7 +251,7 @@ def write_outputs(
     written = []
     for suffix, text in ((".md", markdown), (".json", json.dumps(report, indent=1) + "\n")):
         path = out_dir / f"{stem}{suffix}"
-        write_text(path, text)
+        atomic_write_text(path, text)
         written.append(path)
     if cells and plot_lengths(cells, out_dir / f"{stem}.png"):
         written.append(out_dir / f"{stem}.png")

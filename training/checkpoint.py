@@ -3,7 +3,7 @@
 A reader therefore sees either the previous file or the new one, never a half-written file, even when the
 process is killed mid-write. Every file the library and its benchmarks write for later reuse (checkpoints,
 records, reports) goes through :func:`atomic_save`, :func:`atomic_write_text`, :func:`atomic_write_bytes` or
-:func:`atomic_copy`.
+:func:`atomic_copy` (a folder: :func:`atomic_folder`).
 Each checkpoint records the model's architecture signature; loading it into another architecture raises a
 clear ``ValueError``.
 """
@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text", "atomic_copy", "model_signature", "check_signature",
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text", "atomic_copy", "atomic_folder", "model_signature", "check_signature",
            "load_checkpoint"]
 
 
@@ -59,6 +59,25 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
     """Copy the file ``source`` to ``path`` so that ``path`` is replaced in one step."""
     with open(source, "rb") as original:
         _write_atomically(path, lambda stream: shutil.copyfileobj(original, stream))
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(folder)`` on a fresh folder beside ``path``, then put it in place of ``path``.
+
+    A folder cannot replace another in one step: an old ``path`` is removed first, so a reader must check a
+    file written after this call (e.g. a record next to it) before it trusts ``path``. A half-written folder
+    is never left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(staging)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:

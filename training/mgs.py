@@ -1,4 +1,5 @@
-"""MLE-guided parameter search (MGS; Welleck & Cho, AAAI 2021), METHODS.md section 4.
+"""MLE-guided parameter search (MGS; Welleck & Cho, "MLE-guided parameter search for task loss minimization in
+neural sequence modeling", AAAI 2021).
 
 One update:
 

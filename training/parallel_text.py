@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .padding import pad_rows
+
 __all__ = ["ParallelText", "Batch", "read_parallel", "encode_parallel", "EncodedParallel",
            "make_batch", "epoch_batches"]
 
@@ -118,31 +120,14 @@ class Batch:
                      self.target_mask.to(device), self.references)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")  # host batch, moved per step
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
-def _to_left_padding(ids: torch.LongTensor, mask: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-    shift = (mask.shape[1] - mask.sum(1))[:, None]                       # [B, 1] padding per row
-    index = (torch.arange(mask.shape[1], device=mask.device)[None, :] - shift) % mask.shape[1]
-    return ids.gather(1, index), mask.gather(1, index)
-
-
 def make_batch(data: EncodedParallel, indices: Sequence[int], *, left_pad_source: bool = False) -> Batch:
     """The batch of pairs ``indices``: targets right-padded; sources right-padded (encoder input) or,
     with ``left_pad_source``, left-padded (prompts of a decoder-only model)."""
     if len(indices) == 0:
         raise ValueError("indices: a batch needs at least one pair")
-    source_ids, source_mask = _pad([data.source_ids[i] for i in indices], data.pad_token_id)
-    if left_pad_source:
-        source_ids, source_mask = _to_left_padding(source_ids, source_mask)
-    target_ids, target_mask = _pad([data.target_ids[i] for i in indices], data.pad_token_id)
+    source_ids, source_mask = pad_rows([data.source_ids[i] for i in indices], pad_token_id=data.pad_token_id,
+                                       side="left" if left_pad_source else "right")  # [B, S] each, on the host
+    target_ids, target_mask = pad_rows([data.target_ids[i] for i in indices], pad_token_id=data.pad_token_id)
     return Batch(source_ids, source_mask, target_ids, target_mask,
                  tuple(data.text.targets[i] for i in indices))
 
