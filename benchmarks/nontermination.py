@@ -38,56 +38,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
-                               select, set_threads, settings_key, write_json)
+from benchmarks.common import (REPO, add_run_arguments, command_line, format_epsilon, run_environment, say,
+                               select, set_threads, write_json)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
-from benchmarks.smollm2 import SmolSettings
-from benchmarks.nontermination_words import WordModelSpec, WordSettings
+from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
+from benchmarks.nontermination_words import WordModelSpec
 
 SMOL_VARIANTS = ("pretrained", "ft-vanilla", "ft-st", "ft-nmst")
 
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the numbers (hashed into the cache key)."""
-
-    words: WordSettings = WordSettings()
-    smol: SmolSettings = SmolSettings()
-    epsilons: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
-    word_max_new_tokens: int = 1500
-    smol_max_new_tokens: int = 1000
-    smol_decoders: tuple[str, ...] = tuple(DECODERS)
-    sample_sets: int = 3
-    batch_prompts: int = 256
-    smollm2: bool = True  # the SmolLM2 half of the benchmark
-    seed: int = 0
-    version: int = 4  # bump when a code change alters the numbers, so cached results are not reused
-
-
-QUICK = Settings(
-    words=WordSettings(
-        vocab_size=10_000, train_tokens=1_000_000, eval_sentences=1000, prompts=400, rnn_hidden=256,
-        lstm_hidden=256, rnn_dropout=0.1, lstm_dropout=0.1, epochs=2, head_epochs=1, patience=2, lr=2e-3,
-        batch_sentences=32, valid_prompts=200, autocast="bfloat16",
-    ),
-    epsilons=(1e-3,),
-    smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=100_000, train_layers=2, batch_tokens=1024, lr=1e-4),
-    smol_decoders=("greedy", "consistent-nucleus-0.4"),
-    sample_sets=2,
-)  # fmt: skip
-
-STANDARD = Settings(
-    words=WordSettings(
-        vocab_size=None, train_tokens=None, eval_sentences=None, prompts=1000, rnn_hidden=256, lstm_hidden=256,
-        rnn_dropout=0.2, lstm_dropout=0.2, epochs=3, head_epochs=1, patience=3, lr=2e-3, batch_sentences=32,
-        valid_prompts=300, autocast="bfloat16",
-    ),
-    epsilons=(1e-3,),
-    sample_sets=2,
-    smollm2=False,
-)  # fmt: skip
 
 # The papers' own code and protocol (sentence-level WikiText-2, full vocabulary, LSTM 2 x 512 trained to
 # convergence, 9,708 test contexts, L = 1,500): one public run, the anchor the standard tier is set beside.
@@ -119,14 +79,6 @@ def smol_names(settings: Settings) -> dict[str, str]:
 
 def all_models(settings: Settings) -> list[str]:
     return [spec.name for spec in word_specs(settings)] + (list(smol_names(settings)) if settings.smollm2 else [])
-
-
-def cache_key(settings: Settings) -> str:
-    return settings_key(settings)
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "nontermination"
 
 
 @dataclass
