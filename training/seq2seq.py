@@ -22,11 +22,17 @@ class Seq2SeqSize:
     """Width and depth of a from-scratch BART model."""
 
     d_model: int = 256
+    """Width of the embeddings and of every layer."""
     layers: int = 3
+    """Layers of the encoder, and as many of the decoder."""
     heads: int = 4
-    ffn_dim: int = 1024
+    """Attention heads per layer."""
+    ffn_dim: int = 4 * 256
+    """Width of each layer's feed-forward block (four times ``d_model`` by default, as usual)."""
     dropout: float = 0.1
+    """Dropout on the layers' outputs; half of it on the attention weights."""
     max_positions: int = 128
+    """Longest sequence (source or target tokens) the position embeddings cover."""
 
 
 def build_seq2seq(tokenizer, size: Seq2SeqSize = Seq2SeqSize(), *, seed: int = 0
