@@ -264,7 +264,7 @@ def _download(
 
 @contextlib.contextmanager
 def _temporary_path(folder: Path, stem: str) -> Iterator[Path]:
-    """A fresh path in ``folder`` (same file system, so ``os.replace`` is atomic), removed afterwards."""
+    """A fresh path in ``folder`` for a download in progress, removed afterwards."""
     handle, name = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".part")
     os.close(handle)
     try:
