@@ -1,4 +1,5 @@
-"""MRT and PG: losses against hand computation and gradcheck; the update steps on a tiny BART."""
+"""training.steps (MRT and PG) and their losses (training.losses): losses against hand computation and
+gradcheck; the update steps on a tiny BART."""
 
 from __future__ import annotations
 

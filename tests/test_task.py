@@ -1,4 +1,5 @@
-"""The same update steps drive a decoder-only LM against non-termination (left-padded prompts)."""
+"""training.task with a decoder-only LM: the same update steps drive it against non-termination (left-padded
+prompts)."""
 
 from __future__ import annotations
 
