@@ -29,36 +29,30 @@ resumes where it stopped and finished work is never redone.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from benchmarks import data
-from benchmarks.data import settings_key
+from benchmarks.common import REPO, cache_root, command_line, run_environment, settings_key, write_json
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
-from training.data import ParallelText, encode_parallel, read_parallel
-from training.evaluate import Translations, score_translations, translate
+from training.parallel_text import ParallelText, encode_parallel, read_parallel
+from decoding.metrics import corpus_bleu_signature
+from training.checkpoint import atomic_folder, atomic_write_text
+from training.evaluate import Translations, chrf_signature, score_translations, translate
 from training.loop import LoopConfig, load_best, train
 from training.mgs import MGSConfig, MGSStep
-from training.models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
 from training.plateau import PlateauRule
 from training.steps import MLEStep, MRTStep, PGStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 TEST_SETS = ("test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2018_flickr")
 
 
@@ -147,19 +141,12 @@ def cache_key(settings: Settings, *, fields: tuple[str, ...] | None = None) -> s
     return settings_key(values if fields is None else {name: values[name] for name in fields})
 
 
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 def data_folder(data_dir: str | None, settings: Settings) -> Path:
-    """The multi30k folder: ``--data-dir``, else benchmarks.data's rules (env var, cache), else
+    """The multi30k folder: ``--data-dir``, else benchmarks.datasets's rules (env var, cache), else
     ``../shared/data`` beside the repository."""
-    from benchmarks.data import MULTI30K_SHA256, MULTI30K_SOURCES, DATA_ENV, locate_dataset
+    from benchmarks.datasets import MULTI30K_SHA256, MULTI30K_SOURCES, DATA_ENV, locate_dataset
 
     files = [f"{split}.{side}" for split in ("train", "val", *settings.test_sets) for side in ("de", "en")]
     if data_dir is None and not os.environ.get(DATA_ENV) and (REPO.parent / "shared/data/multi30k").is_dir():
@@ -256,11 +243,7 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
                    validate=val_bleu_fn(tokenizer, splits["val"], settings), checkpoint_dir=base / "checkpoint",
                    stop_rule=settings.base_plateau)
     load_best(model, base / "checkpoint")
-    staging = base / "model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_seq2seq(model, tokenizer, staging)
-    shutil.rmtree(base / "model", ignore_errors=True)
-    os.replace(staging, base / "model")
+    atomic_folder(base / "model", lambda folder: save_seq2seq(model, tokenizer, folder))
     rule = settings.base_plateau
     info = {"updates": result.updates, "epochs": result.epoch, "train_seconds": result.train_seconds,
             "best_val_bleu": result.best_score, "best_update": result.best_update,
@@ -399,8 +382,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cache_root(args: argparse.Namespace, settings: Settings) -> Path:
-    base = Path(args.cache_dir) if args.cache_dir is not None else data.cache_root() / "mt_bleu"
+def run_folder(args: argparse.Namespace, settings: Settings) -> Path:
+    """Where this base model and its fine-tuning runs are cached: ``--cache-dir`` (default
+    ``<cache root>/mt_bleu``) / the hash of the base's settings."""
+    base = Path(args.cache_dir) if args.cache_dir is not None else cache_root() / "mt_bleu"
     return base.expanduser() / cache_key(settings, fields=BASE_FIELDS)
 
 
@@ -415,30 +400,19 @@ def describe_decoding(settings: Settings, val_pairs: int) -> tuple[str, str]:
 
 
 def metadata(argv: list[str] | None, settings: Settings, root: Path, splits: dict[str, ParallelText],
-             notes: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    from sacrebleu.metrics import BLEU, CHRF
-    bleu, chrf = BLEU(), CHRF()
-    bleu.corpus_score(["a"], [["a"]])
-    chrf.corpus_score(["a"], [["a"]])
-    arguments = sys.argv[1:] if argv is None else argv
+             notes: list[str], *, wall_seconds: float) -> dict:
+    """The report's header: the run (:func:`benchmarks.common.run_environment`), settings, cache, decoding
+    rules and sacrebleu's signatures."""
     selection, length_rule = describe_decoding(settings, len(splits["val"]))
     return {
-        "command": " ".join(["python -m benchmarks.mt_bleu", *arguments]), "commit": commit,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores (shared), "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line("benchmarks.mt_bleu", argv), **run_environment(), "wall_seconds": wall_seconds,
         "settings": asdict(settings), "cache": str(root), "selection": selection, "length_rule": length_rule,
-        "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature()),
-        "notes": notes,
+        "bleu_signature": corpus_bleu_signature(), "chrf_signature": chrf_signature(), "notes": notes,
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
@@ -447,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds if args.seeds is not None else list(tier_seeds)
     methods = args.methods if args.methods is not None else list(tier_methods)
     name = args.name or ("mt_bleu-standard" if args.standard else "mt_bleu")
-    root = cache_root(args, settings)
+    root = run_folder(args, settings)
     progress = not args.no_progress
     splits = load_splits(data_folder(args.data_dir, settings), settings)
     primary = settings.test_sets[0]
@@ -473,11 +447,11 @@ def main(argv: list[str] | None = None) -> dict:
     plot_note = plot(base, runs, out / f"{name}_val_bleu.png")
     notes += [plot_note] if plot_note else [f"Plot: `{name}_val_bleu.png` (validation BLEU against update "
                                             "time: the base's training, then every fine-tuning run)."]
-    meta = metadata(argv, settings, root, splits, notes)
+    meta = metadata(argv, settings, root, splits, notes, wall_seconds=time.perf_counter() - started)
     payload = {**meta, "rows": summary_rows(base, runs), "base": base, "runs": runs}
     report = markdown(meta, base, runs, primary=primary)
     write_json(out / f"{name}.json", payload)
-    (out / f"{name}.md").write_text(report)
+    atomic_write_text(out / f"{name}.md", report)
     print(report)
     return payload
 

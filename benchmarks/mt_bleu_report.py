@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks.common import pyplot, report_header, save_figure
+
 __all__ = ["METHODS", "RATE_CONTROL", "ALL_METHODS", "check_comparable", "summary_rows", "test_set_rows",
            "markdown", "mgs_notes", "comparison_note", "base_note", "plot"]
 
@@ -189,8 +191,7 @@ def markdown(meta: dict, base: dict, runs: Sequence[dict], *, primary: str) -> s
     """The report: header, the primary test set's table, the per-test-set table and the notes."""
     rows = summary_rows(base, runs)
     lines = ["# Multi30k De->En: MGS vs MRT vs PG vs MLE continuation", "",
-             f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
-             f"Date: {meta['date']}  ", f"BLEU signature: `{meta['bleu_signature']}`  ",
+             *report_header(meta), f"BLEU signature: `{meta['bleu_signature']}`  ",
              f"chrF signature: `{meta['chrf_signature']}`", "",
              f"Test set: {primary}. Fine-tuned rows: mean ± sd over seeds; every method gets the same update "
              "time (validation excluded) and, except the rate control `mle @ base lr`, the same learning "
@@ -210,11 +211,8 @@ def plot(base: dict, runs: Sequence[dict], path: Path) -> str | None:
 
     Returns a note when the plot could not be drawn (matplotlib missing), else None.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed (optional `bench` extra): the validation-BLEU plot was skipped."
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     history = base["history"]
@@ -235,7 +233,5 @@ def plot(base: dict, runs: Sequence[dict], path: Path) -> str | None:
     right.set_title("fine-tuning from the base (one line per seed)")
     right.set_xlabel("fine-tuning update time (s, validation excluded)")
     right.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
     return None

@@ -7,7 +7,7 @@
    trains, or reuses from the cache, 2-layer tanh-RNN and LSTM LMs with vanilla, ST and NMST heads
    (epsilon grid), with validation and test perplexity on the continuation tokens and a greedy r_L on
    validation contexts after every epoch.
-2. SmolLM2-135M-Instruct on WikiText-2 *lines* (:mod:`benchmarks.nontermination_smollm2`): the
+2. SmolLM2-135M-Instruct on WikiText-2 *lines* (:mod:`benchmarks.smollm2`): the
    pretrained model, and the same model fine-tuned on the same train lines with a vanilla, ST and NMST
    head, with test perplexity on continuations.
 3. Every model decodes the first 10 tokens of test sequences with ancestral sampling, greedy, beam 2/4,
@@ -31,65 +31,23 @@ it will need are there, and fails in seconds if not.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
+from benchmarks.common import (REPO, add_run_arguments, command_line, format_epsilon, run_environment, say,
+                               select, set_threads, write_json)
+from benchmarks.datasets import add_data_arguments
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
-from benchmarks.nontermination_smollm2 import SmolSettings
-from benchmarks.nontermination_words import WordModelSpec, WordSettings
+from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
+from benchmarks.nontermination_words import WordModelSpec
 
-REPO = Path(__file__).resolve().parent.parent
 SMOL_VARIANTS = ("pretrained", "ft-vanilla", "ft-st", "ft-nmst")
 
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the numbers (hashed into the cache key)."""
-
-    words: WordSettings = WordSettings()
-    smol: SmolSettings = SmolSettings()
-    epsilons: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
-    word_max_new_tokens: int = 1500
-    smol_max_new_tokens: int = 1000
-    smol_decoders: tuple[str, ...] = tuple(DECODERS)
-    sample_sets: int = 3
-    batch_prompts: int = 256
-    smollm2: bool = True  # the SmolLM2 half of the benchmark
-    seed: int = 0
-    version: int = 4  # bump when a code change alters the numbers, so cached results are not reused
-
-
-QUICK = Settings(
-    words=WordSettings(
-        vocab_size=10_000, train_tokens=1_000_000, eval_sentences=1000, prompts=400, rnn_hidden=256,
-        lstm_hidden=256, rnn_dropout=0.1, lstm_dropout=0.1, epochs=2, head_epochs=1, patience=2, lr=2e-3,
-        batch_sentences=32, valid_prompts=200, autocast="bfloat16",
-    ),
-    epsilons=(1e-3,),
-    smol=SmolSettings(prompts=16, eval_lines=32, finetune_tokens=100_000, train_layers=2, batch_tokens=1024, lr=1e-4),
-    smol_decoders=("greedy", "consistent-nucleus-0.4"),
-    sample_sets=2,
-)  # fmt: skip
-
-STANDARD = Settings(
-    words=WordSettings(
-        vocab_size=None, train_tokens=None, eval_sentences=None, prompts=1000, rnn_hidden=256, lstm_hidden=256,
-        rnn_dropout=0.2, lstm_dropout=0.2, epochs=3, head_epochs=1, patience=3, lr=2e-3, batch_sentences=32,
-        valid_prompts=300, autocast="bfloat16",
-    ),
-    epsilons=(1e-3,),
-    sample_sets=2,
-    smollm2=False,
-)  # fmt: skip
 
 # The papers' own code and protocol (sentence-level WikiText-2, full vocabulary, LSTM 2 x 512 trained to
 # convergence, 9,708 test contexts, L = 1,500): one public run, the anchor the standard tier is set beside.
@@ -99,13 +57,6 @@ PAPERS_LSTM = {
                 "top-k-4": 0.0, "nucleus-0.2": 0.0079, "nucleus-0.4": 0.0044},
     "st greedy": {"1e-2": 0.0, "1e-3": 0.0, "1e-4": 0.0033},
 }  # fmt: skip
-
-
-def format_epsilon(epsilon: float) -> str:
-    """``1e-3`` for 0.001 (model names and tables)."""
-    mantissa, exponent = f"{epsilon:e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
 
 
 def word_specs(settings: Settings) -> list[WordModelSpec]:
@@ -130,28 +81,6 @@ def all_models(settings: Settings) -> list[str]:
     return [spec.name for spec in word_specs(settings)] + (list(smol_names(settings)) if settings.smollm2 else [])
 
 
-def select(patterns: str | None, names: list[str], *, what: str) -> list[str]:
-    """Names matching comma-separated exact names or globs, in ``names`` order; ValueError for a pattern
-    that matches nothing, naming the choices."""
-    if patterns is None:
-        return list(names)
-    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
-    if not wanted:
-        raise ValueError(f"--{what} is empty; choose from {', '.join(names)}")
-    for pattern in wanted:
-        if not fnmatch.filter(names, pattern):
-            raise ValueError(f"unknown {what[:-1]} {pattern!r}; choose from {', '.join(names)} (globs allowed)")
-    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in wanted)]
-
-
-def cache_key(settings: Settings) -> str:
-    return settings_key(settings)
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "nontermination"
-
-
 @dataclass
 class RunResult:
     """What :func:`run_benchmark` measured: model records and cells, in table order."""
@@ -160,10 +89,6 @@ class RunResult:
     records: dict[str, dict] = field(default_factory=dict)
     cells: list[CellResult] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # "model / decoder" cells selected but not in the cache
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _decode_missing(
@@ -182,7 +107,7 @@ def _decode_missing(
         )  # fmt: skip
         save_cell(result, path)
         summary = result.summary()
-        _say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} "
+        say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} "
              f"len={summary['mean_length']:.1f} ({result.seconds:.0f} s)")  # fmt: skip
 
 
@@ -206,14 +131,14 @@ def _run_words(
             continue
         if data is None:
             data = load_word_data(data_dir, words, seed=settings.seed)
-            _say(f"[data] word level: {len(data.vocab)} words, {data.train_tokens} training tokens, "
+            say(f"[data] word level: {len(data.vocab)} words, {data.train_tokens} training tokens, "
                  f"{len(data.reference_lengths)} prompts")  # fmt: skip
         (root / "models").mkdir(parents=True, exist_ok=True)
         model, record = train_or_load_word_model(
             spec, words, data, folder=root / "models", seed=settings.seed, progress=progress,
             max_new_tokens=settings.word_max_new_tokens, batch_size=settings.batch_prompts, device=device,
         )  # fmt: skip
-        _say(f"[model] {spec.name}: valid ppl {record['valid_perplexity']:.1f}, test ppl "
+        say(f"[model] {spec.name}: valid ppl {record['valid_perplexity']:.1f}, test ppl "
              f"{record['test_perplexity']:.1f} ({record['train_seconds'] / 60:.1f} min)")  # fmt: skip
         if spec.name not in models:
             continue
@@ -227,7 +152,7 @@ def _run_words(
 def _run_smollm2(
     settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool
 ) -> None:
-    from benchmarks.nontermination_smollm2 import SmolLM2Bench, load_smol_data, load_smollm2
+    from benchmarks import smollm2
 
     bench = None
     for name, variant in smol_names(settings).items():
@@ -237,10 +162,10 @@ def _run_smollm2(
         if not missing and (root / "models" / f"smollm2-{variant}.json").is_file():
             continue
         if bench is None:
-            tokenizer, model = load_smollm2()
-            data = load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
-            bench = SmolLM2Bench(tokenizer, model, settings.smol, data, folder=root / "models", seed=settings.seed,
-                                 progress=progress)  # fmt: skip
+            model, tokenizer = smollm2.load_smollm2()
+            data = smollm2.load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
+            bench = smollm2.SmolLM2Bench(model, tokenizer, settings.smol, data, folder=root / "models",
+                                         seed=settings.seed, progress=progress)  # fmt: skip
         bench.load_variant(variant)
         _, model = bench.head(variant)
         _decode_missing(
@@ -269,7 +194,7 @@ def run_benchmark(
     root = Path(cache_dir) / cache_key(settings)
     (root / "cells").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=str))
+    write_json(root / "settings.json", asdict(settings))
     smol_decoders = [d for d in decoders if d in settings.smol_decoders]
     if compute:
         _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress,
@@ -303,8 +228,8 @@ def _with_bounds(settings: Settings, records: dict[str, dict]) -> dict[str, dict
 
 def preflight(settings: Settings, models: list[str], data_dir: str | None) -> list[str]:
     """What the run will need and lacks (data files, packages, the SmolLM2 file), found in seconds."""
-    from benchmarks import nontermination_smollm2
-    from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset
+    from benchmarks import smollm2
+    from benchmarks.datasets import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset
 
     problems = []
     try:
@@ -313,7 +238,7 @@ def preflight(settings: Settings, models: list[str], data_dir: str | None) -> li
     except (OSError, ValueError) as error:
         problems.append(f"WikiText-2: {error}")
     if settings.smollm2 and any(name in models for name in smol_names(settings)):
-        for problem in nontermination_smollm2.smollm2_problems():
+        for problem in smollm2.smollm2_problems():
             problems.append(f"SmolLM2: {problem} (or leave it out with --models 'rnn-*,lstm-*')")
     return problems
 
@@ -372,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> RunResult:
     """Command-line entry point; ``settings`` overrides the --quick / default settings (tests)."""
-    from benchmarks.nontermination_report import environment, json_report, markdown_report, write_outputs
+    from benchmarks.nontermination_report import json_report, markdown_report, write_outputs
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -406,8 +331,8 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
                            models=models, decoders=decoders, progress=not args.no_progress,
                            compute=not args.report_only, device=device)  # fmt: skip
     wall = time.perf_counter() - start
-    command = "python -m benchmarks.nontermination " + shlex.join(argv if argv is not None else sys.argv[1:])
-    env = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    command = command_line("benchmarks.nontermination", argv)
+    env = run_environment()
     records = _with_bounds(settings, result.records)
     notes = notes_for(settings, tier=tier)
     if result.missing:
@@ -422,7 +347,7 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     shared["papers"] = PAPERS_LSTM if tier == "standard" else None
     written = write_outputs(args.out, markdown=markdown_report(**shared), report=json_report(**shared),
                             cells=result.cells, records=records, stem=stem)  # fmt: skip
-    _say("wrote " + ", ".join(str(path) for path in written))
+    say("wrote " + ", ".join(str(path) for path in written))
     return result
 
 

@@ -11,7 +11,6 @@ mean and the spread (sample standard deviation) over the sets.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import zlib
 from collections import Counter
@@ -25,6 +24,8 @@ from transformers import GenerationConfig
 
 from decoding.generate import generate
 from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
+from training.checkpoint import atomic_write_text
+from training.decode import eos_lengths
 
 __all__ = [
     "DecoderSpec",
@@ -260,7 +261,7 @@ def decode_cell(
     # chunk-major rows: prompt-major within a chunk, so the sets interleave the same way throughout
     generated, terminated = torch.cat(chunks), torch.cat(flags)
     metrics = cell_metrics(
-        _strip_fill(generated, terminated, eos_token_id), eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
+        _strip_fill(generated, eos_token_id), eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
         reference_lengths=reference_lengths, sample_sets=sets, terminated=terminated, unk_token_id=unk_token_id,
     )  # fmt: skip
     return CellResult(
@@ -269,20 +270,15 @@ def decode_cell(
     )  # fmt: skip
 
 
-def _strip_fill(generated: torch.Tensor, terminated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
+def _strip_fill(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
     """Rows as lists: finished rows up to their eos, unfinished rows whole (they span all L tokens)."""
-    rows = []
-    for row, done in zip(generated.tolist(), terminated.tolist()):
-        rows.append(row[: row.index(eos_token_id) + 1] if done else row)
-    return rows
+    lengths, _ = eos_lengths(generated, eos_token_id)
+    return [row[:length] for row, length in zip(generated.tolist(), lengths.tolist())]
 
 
 def save_cell(result: CellResult, path: Path) -> None:
-    """Write a cell's result as JSON, atomically (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.__dict__))
-    os.replace(tmp, path)
+    """Write a cell's result as JSON, atomically."""
+    atomic_write_text(path, json.dumps(result.__dict__))
 
 
 def load_cell(path: Path) -> CellResult | None:

@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks.common import pyplot, report_header, save_figure
 from benchmarks.nontermination_cells import DECODERS, CellResult
+from training.checkpoint import atomic_write_text
 
-__all__ = ["environment", "markdown_report", "json_report", "write_outputs", "plot_lengths", "plot_epochs",
+__all__ = ["markdown_report", "json_report", "write_outputs", "plot_lengths", "plot_epochs",
            "degenerate", "MODE_CEILING"]
 
 # A model whose greedy continuations are mostly the same whatever the prompt (one continuation for more than
 # this share of the prompts) ignores its prompt: its r_L says little about the decoders. (The share of
 # distinct continuations is no test: many prompts legitimately end with the same short ". <eos>".)
 MODE_CEILING = 0.5
-
-
-def environment(repo: Path) -> dict[str, Any]:
-    """Commit (with a dirty flag), machine and library versions."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    import transformers
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def _value(cell: CellResult, metric: str, digits: int) -> str:
@@ -164,14 +139,10 @@ def markdown_report(
     lines = [
         "# Non-termination of language models under incomplete decoding",
         "",
-        f"Command: `{command}`  ",
-        f"Commit: `{env['commit']}`{' (uncommitted changes)' if env['dirty'] else ''}  ",
-        f"Machine: {env['machine']}; torch {env['torch']} ({env['torch_threads']} threads), "
-        f"transformers {env['transformers']}  ",
-        f"Date: {env['date']}; this invocation's wall time {wall_seconds / 60:.1f} min "
-        "(cached models and cells are not recomputed)  ",
-        f"Compute recorded in the cache: training / fine-tuning {_training_minutes(records):.1f} min, decoding "
-        f"{sum(c.seconds for c in cells) / 60:.1f} min (wall-clock sums; parallel processes overlap)",
+        *report_header({"command": command, **env, "wall_seconds": wall_seconds}),
+        f"Compute recorded in the cache (cached models and cells are not recomputed): training / fine-tuning "
+        f"{_training_minutes(records):.1f} min, decoding {sum(c.seconds for c in cells) / 60:.1f} min (wall-clock "
+        "sums; parallel processes overlap)",
         "",
         "r_L: share of continuations without eos within L generated tokens. Lengths count eos; an unfinished "
         "row counts L. Length ratio: mean generated length / mean reference continuation length. seq-rep-4 "
@@ -221,12 +192,8 @@ def json_report(
 
 def plot_lengths(cells: Sequence[CellResult], path: Path) -> bool:
     """Box plots of generated lengths, one panel per decoder, one box per model; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     decoders = [d for d in DECODERS if any(c.decoder == d for c in cells)]
     columns = 4
@@ -243,9 +210,7 @@ def plot_lengths(cells: Sequence[CellResult], path: Path) -> bool:
     for axis in list(axes.flat)[len(decoders):]:
         axis.axis("off")
     figure.suptitle("Generated length (tokens, eos included; dashed: L; whiskers 5-95%)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
     return True
 
 
@@ -258,12 +223,8 @@ def plot_epochs(records: dict[str, dict], path: Path) -> bool:
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(7, 5))
     for name, points in curves.items():
@@ -276,9 +237,7 @@ def plot_epochs(records: dict[str, dict], path: Path) -> bool:
     axis.set_ylabel("greedy r_L on validation contexts")
     axis.set_title("Non-termination as the model learns (labels: epoch)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
     return True
 
 
@@ -292,9 +251,7 @@ def write_outputs(
     written = []
     for suffix, text in ((".md", markdown), (".json", json.dumps(report, indent=1) + "\n")):
         path = out_dir / f"{stem}{suffix}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         written.append(path)
     if cells and plot_lengths(cells, out_dir / f"{stem}.png"):
         written.append(out_dir / f"{stem}.png")

@@ -1,7 +1,7 @@
 """Word-level WikiText-2 models for :mod:`benchmarks.nontermination`: data, training, perplexity.
 
 The self-terminating papers' protocol (Welleck et al. 2020; Choi et al. 2023). Sequences are sentences
-(:func:`benchmarks.data.load_wikitext` with ``unit="sentence"``) ending in eos; a sentence shorter than the
+(:func:`benchmarks.datasets.load_wikitext` with ``unit="sentence"``) ending in eos; a sentence shorter than the
 10-token context is left-padded with ``<cpad>``, so every sentence has a 10-token context and a reference
 continuation of at least the eos. Training scores the continuation tokens only (the context's labels are
 -100), so a self-terminating head's clock ``t`` starts at the first continuation token in training, in
@@ -21,9 +21,7 @@ After every epoch, greedy decoding of a fixed set of validation contexts (up to 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.data import Vocabulary, load_wikitext, pad_context, split_context
+from benchmarks.common import write_json
+from benchmarks.datasets import Vocabulary, load_wikitext, pad_context, split_context
 from decoding.generate import generate
 from decoding.models import RecurrentLM, load_recurrent_lm, lstm_lm, rnn_lm, save_recurrent_lm
-from training.checkpoint import atomic_save
+from training.checkpoint import atomic_copy, atomic_save
 from training.lm import LAST_CHECKPOINT, collate_lm_batch, evaluate_perplexity, train_lm
 
 __all__ = ["WordSettings", "WordData", "WordModelSpec", "load_word_data", "train_or_load_word_model",
@@ -288,9 +287,7 @@ def train_or_load_word_model(
         if not start.is_file():
             train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs - settings.head_epochs,
                      **common)  # fmt: skip
-            tmp = start.with_name(start.name + ".tmp")
-            shutil.copyfile(checkpoint_dir / LAST_CHECKPOINT, tmp)
-            os.replace(tmp, start)
+            atomic_copy(checkpoint_dir / LAST_CHECKPOINT, start)
     history = train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs, **common)
     model.eval()
     valid = evaluate_perplexity(model, data.valid_batches, progress=progress, loss_fn=_scored_loss)
@@ -310,7 +307,5 @@ def train_or_load_word_model(
         "train_seconds": time.perf_counter() - start_time,  # this process only (a resumed run counts its part)
     }
     save_recurrent_lm(model, weights)
-    tmp = record_path.with_name(record_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    write_json(record_path, record)
     return model, record

@@ -3,7 +3,7 @@
     python -m benchmarks.smollm2_frontier [--data-dir ../shared/data] [--out DIR] [--cache-dir DIR] [--seed 0]
         [--models 'ft-st-*'] [--threads N] [--no-progress] [--report-only] [--list]
 
-SmolLM2-135M-Instruct (:mod:`benchmarks.nontermination_smollm2`: WikiText-2 lines, first 10 tokens = prompt,
+SmolLM2-135M-Instruct (:mod:`benchmarks.smollm2`: WikiText-2 lines, first 10 tokens = prompt,
 the top ``train_layers`` layers, final norm and eos row trained over frozen lower layers) is fine-tuned from
 the same weights on the same train lines in the same order, one pass of ``finetune_tokens`` tokens each:
 
@@ -38,23 +38,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from benchmarks.data import add_data_arguments, add_run_arguments, cache_root, set_threads, settings_key
-from benchmarks.nontermination import format_epsilon, select
+from benchmarks import smollm2
+from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
+                               select, set_threads, settings_key, write_json)
+from benchmarks.datasets import add_data_arguments
 from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
-from benchmarks.nontermination_smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings, write_json
+from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
 from training.mgs import MGSConfig, MGSStep
 from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
 
-REPO = Path(__file__).resolve().parent.parent
 VANILLA, MLE_CONTINUATION, MGS_CONTINUATION = "ft-vanilla", "ft-vanilla+mle", "ft-vanilla+mgs"
 
 
@@ -132,10 +130,6 @@ def cache_key(settings: FrontierSettings) -> str:
 
 def default_cache_dir() -> Path:
     return cache_root() / "smollm2-frontier"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------ continuations
@@ -245,7 +239,7 @@ def _decode_missing(bench: SmolLM2Bench, name: str, head: Head, root: Path, sett
         )  # fmt: skip
         save_cell(result, path)
         summary = result.summary()
-        _say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} len={summary['mean_length']:.1f} "
+        say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} len={summary['mean_length']:.1f} "
              f"({result.seconds:.0f} s)")  # fmt: skip
 
 
@@ -256,16 +250,14 @@ def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
 
 def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_dir: str | None, progress: bool) -> None:
     """Fine-tune, continue and decode whatever the cache lacks, model by model (vanilla first)."""
-    from benchmarks.nontermination_smollm2 import load_smol_data, load_smollm2
-
     heads = finetune_heads(settings)
     wanted = [name for name in all_models(settings) if name in models and _missing_work(name, root, settings)]
     if not wanted:
         return
-    tokenizer, model = load_smollm2()
-    data = load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
+    model, tokenizer = smollm2.load_smollm2()
+    data = smollm2.load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
     write_json(root / "evaluation_lengths.json", [len(line) - CONTEXT_LEN for line in data.evaluation])
-    bench = SmolLM2Bench(tokenizer, model, settings.smol, data, folder=root / "models", seed=settings.seed,
+    bench = SmolLM2Bench(model, tokenizer, settings.smol, data, folder=root / "models", seed=settings.seed,
                          progress=progress)  # fmt: skip
     for name in wanted:
         if name in heads:
@@ -313,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = None) -> FrontierResult:
     """Command-line entry point; ``settings`` overrides the defaults (tests)."""
-    from benchmarks.nontermination_report import environment
     from benchmarks.smollm2_frontier_report import write_report
 
     parser = build_parser()
@@ -330,10 +321,9 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
     start = time.perf_counter()
     result = run_frontier(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
                           models=models, progress=not args.no_progress, compute=not args.report_only)  # fmt: skip
-    command = "python -m benchmarks.smollm2_frontier " + shlex.join(argv if argv is not None else sys.argv[1:])
-    env: dict[str, Any] = {**environment(REPO), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    written = write_report(args.out, result, command=command, env=env, wall_seconds=time.perf_counter() - start)
-    _say("wrote " + ", ".join(str(path) for path in written))
+    command = command_line("benchmarks.smollm2_frontier", argv)
+    written = write_report(args.out, result, command=command, env=run_environment(), wall_seconds=time.perf_counter() - start)
+    say("wrote " + ", ".join(str(path) for path in written))
     return result
 
 

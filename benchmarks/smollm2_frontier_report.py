@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import pyplot, report_header, save_figure
 from benchmarks.nontermination_cells import CellResult
-from benchmarks.nontermination_smollm2 import write_text
+from training.checkpoint import atomic_write_text
 from decoding.self_terminating import termination_bound
 from training.self_terminating_finetune import perplexity_tax
 
@@ -139,10 +140,8 @@ def markdown_report(result: Any, *, command: str, env: dict[str, Any], wall_seco
         notes.append(f"Not run (not in the cache when this report was written): {', '.join(result.missing)}.")
     lines = [
         "# SmolLM2 fine-tunes: r_L against perplexity (ST / NMST eps sweep, MGS)", "",
-        f"Command: `{command}`  ", f"Commit: `{env['commit']}`{' (uncommitted changes)' if env['dirty'] else ''}  ",
-        f"Machine: {env['machine']}; torch {env['torch']} ({env['torch_threads']} threads)  ",
-        f"Date: {env['date']}; this invocation's wall time {wall_seconds / 60:.1f} min; decoding recorded "
-        f"{sum(c.seconds for c in result.cells) / 60:.1f} min", "",
+        *report_header({"command": command, **env, "wall_seconds": wall_seconds}),
+        f"Decoding recorded in the cache: {sum(c.seconds for c in result.cells) / 60:.1f} min", "",
         *[f"- {note}" for note in notes], "", "## Frontier", "", *_table(rows, settings.decoders), "",
         "## Targets", "", *[f"- {line}" for line in _targets(rows, result.records)], "",
         "Settings:", "", "```json", json.dumps(asdict(settings), indent=1, default=str), "```", "",
@@ -161,12 +160,8 @@ def json_report(result: Any, *, command: str, env: dict[str, Any], wall_seconds:
 def plot_frontier(rows: list[dict], decoders: Sequence[str], path: Path) -> bool:
     """r_L against test perplexity, one panel per decoder, one labelled point per model; False without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(1, len(decoders), figsize=(6.5 * len(decoders), 5), squeeze=False)
     for axis, decoder in zip(axes.flat, decoders):
@@ -182,9 +177,7 @@ def plot_frontier(rows: list[dict], decoders: Sequence[str], path: Path) -> bool
         axis.set_ylabel("r_L (share unfinished at L)")
         axis.set_title(f"{decoder} (label: mean length / reference)")
         axis.set_ylim(-0.05, 1.05)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
     return True
 
 
@@ -195,7 +188,7 @@ def write_report(out_dir: Path, result: Any, *, command: str, env: dict[str, Any
     report = json_report(result, command=command, env=env, wall_seconds=wall_seconds)
     written = []
     for suffix, text in ((".md", markdown), (".json", json.dumps(report, indent=1, default=str) + "\n")):
-        write_text(out_dir / f"{NAME}{suffix}", text)
+        atomic_write_text(out_dir / f"{NAME}{suffix}", text)
         written.append(out_dir / f"{NAME}{suffix}")
     rows = frontier_rows(result.records, result.cells, result.evaluation_lengths)
     if rows and plot_frontier(rows, result.settings.decoders, out_dir / f"{NAME}.png"):

@@ -20,12 +20,12 @@ from torch.utils._pytree import tree_leaves
 from benchmarks.nontermination_cells import DECODERS, decode_cell
 from decoding.generate import generate
 from decoding.models import rnn_lm
-from training.data import encode_parallel, read_parallel
+from training.parallel_text import encode_parallel, read_parallel
 from training.evaluate import translate
 from training.lm import collate_lm_batch, model_loss, train_lm
 from training.loop import LoopConfig, train
 from training.mgs import MGSConfig, MGSStep
-from training.models import Seq2SeqSize, build_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq
 from training.prompt_costs import Prompts, PromptTask, PromptTaskBatch, mean_cost
 from training.steps import MRTStep, PGStep
 from training.task import Seq2SeqTask

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import mt_bleu
 from benchmarks import mt_bleu_report as report
-from training.models import load_seq2seq
+from training.seq2seq import load_seq2seq
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -108,7 +108,7 @@ class Killed(Exception):
 
 
 def tiny_standard_settings():
-    from training.models import Seq2SeqSize
+    from training.seq2seq import Seq2SeqSize
     from training.plateau import PlateauRule
 
     return replace(mt_bleu.STANDARD, size=Seq2SeqSize(d_model=32, layers=1, heads=2, ffn_dim=64),

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data import encode_parallel, read_parallel
+from training.parallel_text import encode_parallel, read_parallel
 from training.loop import LoopConfig, train
-from training.models import Seq2SeqSize, build_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq
 from training.plateau import PlateauRule
 from training.steps import MLEStep
 from training.task import Seq2SeqTask

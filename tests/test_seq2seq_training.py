@@ -11,13 +11,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from training.checkpoint import atomic_save
 from training.costs import Decoded, get_cost
-from training.data import encode_parallel, epoch_batches, make_batch, read_parallel
+from training.parallel_text import encode_parallel, epoch_batches, make_batch, read_parallel
 from training.decode import Hypotheses, decode
 from training.evaluate import score_translations, translate
 from training.loop import LoopConfig, load_best, train
 from training.losses import mle_loss, teacher_forced_logits
 from training.mgs import MGSConfig, MGSStep, candidate_costs
-from training.models import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq, load_seq2seq, save_seq2seq
 from training.steps import MLEStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.nontermination_smollm2 as smol_module
+import benchmarks.smollm2 as smol_module
 import benchmarks.smollm2_frontier as frontier
-from benchmarks.nontermination_smollm2 import SmolSettings
+from benchmarks.smollm2 import SmolSettings
 from benchmarks.smollm2_frontier_report import check_budgets
 from training.mgs import MGSConfig
 

@@ -76,12 +76,12 @@ class WordTokenizer:
         return {"input_ids": [3 + zlib.crc32(word.encode()) % 61 for word in text.split()]}
 
 
-def tiny_smollm2() -> tuple[WordTokenizer, LlamaForCausalLM]:
-    """``(tokenizer, model)`` standing in for :func:`benchmarks.nontermination_smollm2.load_smollm2`: a
+def tiny_smollm2() -> tuple[LlamaForCausalLM, WordTokenizer]:
+    """``(model, tokenizer)`` standing in for :func:`benchmarks.smollm2.load_smollm2`: a
     2-layer Llama with tied embeddings whose eos is 2, as SmolLM2's."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0,
                          eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     config._attn_implementation = "sdpa"
-    return WordTokenizer(), LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval(), WordTokenizer()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-__all__ = ["Hypotheses", "GenerateFn", "decode", "default_generate"]
+__all__ = ["Hypotheses", "GenerateFn", "decode", "default_generate", "eos_lengths"]
 
 GenerateFn = Callable[..., Any]
 Strategy = Literal["greedy", "sample", "beam"]
@@ -54,8 +54,20 @@ def _generated_part(model: torch.nn.Module, sequences: torch.LongTensor, prompt_
     return sequences[:, prompt_width:]
 
 
-def _lengths(tokens: torch.LongTensor, eos_token_id: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
-    is_eos = tokens.eq(eos_token_id)
+def eos_lengths(tokens: torch.LongTensor, eos_token_id: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Length of each row up to its first eos, and whether it has one.
+
+    For the output of a model that :func:`decoding.generate` did not produce (``model.generate``, a hand
+    loop), or a batch of reference rows; ``decoding.generate`` returns both as ``lengths`` and ``terminated``.
+
+    Args:
+        tokens: ``[N, L]`` generated tokens (no prompt); what follows a row's first eos is ignored.
+
+    Returns:
+        ``lengths [N]``: tokens up to and including the first eos, ``L`` for a row without eos;
+        ``terminated [N]``: the row holds an eos.
+    """
+    is_eos = tokens.eq(eos_token_id)  # [N, L]
     terminated = is_eos.any(dim=1)
     first = torch.where(terminated, is_eos.float().argmax(dim=1) + 1,
                         torch.full_like(terminated, tokens.shape[1], dtype=torch.long))
@@ -93,7 +105,7 @@ def decode(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: 
         output = generate(model, input_ids, attention_mask=attention_mask, **options)
     sequences = output.sequences if hasattr(output, "sequences") else output
     tokens = _generated_part(model, sequences, input_ids.shape[1])
-    lengths, terminated = _lengths(tokens, eos_token_id)
+    lengths, terminated = eos_lengths(tokens, eos_token_id)
     positions = torch.arange(tokens.shape[1], device=tokens.device)  # [L]
     tokens = tokens.masked_fill(positions[None, :] >= lengths[:, None], pad_token_id)
     return Hypotheses(tokens=tokens, lengths=lengths, terminated=terminated)

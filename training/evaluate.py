@@ -1,19 +1,29 @@
 """Translating a test set and scoring it: corpus BLEU (with sacrebleu's signature), chrF, length ratio,
-non-termination rate."""
+non-termination rate.
+
+BLEU is :func:`decoding.metrics.corpus_bleu` (sacrebleu's defaults), the one BLEU of the library; chrF is
+sacrebleu's with its defaults.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import CHRF
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from tqdm.auto import tqdm
 
-from .decode import GenerateFn, Hypotheses, decode
+from decoding.metrics import corpus_bleu, corpus_bleu_signature, length_ratio
 
-__all__ = ["Translations", "translate", "TranslationScores", "score_translations"]
+from .decode import GenerateFn, Hypotheses, decode
+from .padding import pad_rows
+
+__all__ = ["Translations", "translate", "TranslationScores", "score_translations", "bleu_length_ratio",
+           "chrf_signature"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +67,8 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
             chunk = order[start: start + batch_size]
             encoded = tokenizer([sources[i] for i in chunk], add_special_tokens=False, truncation=True,
                                 max_length=max_length - 1)["input_ids"]
-            width = max(len(row) for row in encoded) + 1
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long, device="cpu")
-            mask = torch.zeros_like(ids)
-            for row, tokens in enumerate(encoded):
-                ids[row, : len(tokens) + 1] = torch.tensor(tokens + [tokenizer.eos_token_id], device="cpu")
-                mask[row, : len(tokens) + 1] = 1
+            ids, mask = pad_rows([tokens + [tokenizer.eos_token_id] for tokens in encoded],
+                                 pad_token_id=tokenizer.pad_token_id)  # [B, S] each
             caps = _row_caps(mask, length_factor, length_slack, length_cap)
             device = next(model.parameters()).device
             hyps = decode(model, ids.to(device), mask.to(device), max_new_tokens=max(caps),
@@ -104,17 +110,31 @@ class TranslationScores:
         return asdict(self)
 
 
+def bleu_length_ratio(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Hypothesis over reference length in BLEU's 13a tokens (the ratio BLEU's brevity penalty reads)."""
+    tokenize = Tokenizer13a()
+    return length_ratio([len(tokenize(text.rstrip()).split()) for text in hypotheses],
+                        [len(tokenize(text.rstrip()).split()) for text in references])
+
+
+@lru_cache(maxsize=1)
+def chrf_signature() -> str:
+    """sacrebleu's signature of the chrF :func:`score_translations` reports (one reference per sentence)."""
+    metric = CHRF()
+    metric.corpus_score(["a"], [["a"]])  # sacrebleu knows nrefs only after scoring
+    return str(metric.get_signature())
+
+
 def score_translations(translations: Translations, references: Sequence[str]) -> TranslationScores:
-    """sacrebleu corpus BLEU and chrF on detokenised text; length ratio = hypothesis / reference length
-    (BLEU's 13a tokens); non-termination = share of rows without eos within the cap."""
+    """Corpus BLEU (:func:`decoding.metrics.corpus_bleu`) and sacrebleu's chrF on detokenised text; length
+    ratio = hypothesis / reference length (:func:`bleu_length_ratio`); non-termination = share of rows
+    without eos within the cap."""
     if len(translations.texts) != len(references):
         raise ValueError(f"{len(translations.texts)} translations but {len(references)} references")
-    bleu_metric, chrf_metric = BLEU(), CHRF()
-    bleu = bleu_metric.corpus_score(translations.texts, [list(references)])
-    chrf = chrf_metric.corpus_score(translations.texts, [list(references)])
+    chrf = CHRF().corpus_score(translations.texts, [list(references)])
     return TranslationScores(
-        bleu=float(bleu.score), chrf=float(chrf.score),
-        length_ratio=float(bleu.sys_len / max(bleu.ref_len, 1)),
+        bleu=corpus_bleu(translations.texts, references), chrf=float(chrf.score),
+        length_ratio=bleu_length_ratio(translations.texts, references),
         nontermination=1.0 - sum(translations.terminated) / len(translations.terminated),
-        bleu_signature=str(bleu_metric.get_signature()), chrf_signature=str(chrf_metric.get_signature()),
+        bleu_signature=corpus_bleu_signature(), chrf_signature=chrf_signature(),
     )

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import math
 import os
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from decoding.metrics import perplexity
+
+from .checkpoint import atomic_save
+from .loop import LoopPosition, Progress, autocast, gradient_step, run_loop
+from .padding import pad_rows
 
 __all__ = [
     "EpochRecord",
@@ -90,15 +94,10 @@ def collate_lm_batch(
         raise ValueError("sequences must be a non-empty list of non-empty token lists")
     if context_lengths is not None and len(context_lengths) != len(sequences):
         raise ValueError(f"context_lengths must have one entry per sequence ({len(sequences)})")
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device="cpu")  # host batch
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long, device="cpu")
-        attention_mask[row, : len(sequence)] = 1
+    input_ids, attention_mask = pad_rows(sequences, pad_token_id=pad_token_id)  # [B, T] each, on the host
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     if context_lengths is not None:
-        positions = torch.arange(width, device="cpu").unsqueeze(0)  # [1, T]
+        positions = torch.arange(input_ids.shape[1], device="cpu").unsqueeze(0)  # [1, T]
         labels = labels.masked_fill(positions < torch.as_tensor(list(context_lengths), device="cpu").unsqueeze(1), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -125,13 +124,8 @@ def model_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 def _loss(model: torch.nn.Module, batch: Batch, device: torch.device, loss_fn: LossFunction | None,
           autocast_dtype: torch.dtype | None) -> torch.Tensor:
     on_device = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "labels")}
-    with _autocast(device, autocast_dtype):
+    with autocast(device.type, autocast_dtype):
         return (loss_fn or model_loss)(model, on_device)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision on ``device`` when ``dtype`` is given (e.g. ``torch.bfloat16``), else nothing."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -161,7 +155,7 @@ def evaluate_perplexity(
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError("batches hold no labelled token to evaluate")
-    return math.exp(total_nll / total_tokens)
+    return perplexity(total_nll, total_tokens)
 
 
 def _epoch_metrics(
@@ -173,12 +167,6 @@ def _epoch_metrics(
         return {name: float(value) for name, value in on_epoch_end(model, epoch).items()}
     finally:
         model.train(was_training)
-
-
-def _atomic_save(payload: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _check_options(epochs: int, lr: float, clip: float | None, patience: int, lr_decay: float) -> None:
@@ -195,10 +183,10 @@ def _check_options(epochs: int, lr: float, clip: float | None, patience: int, lr
 
 
 @dataclass
-class _Progress:
-    """Everything a resume needs besides weights and optimizer: the checkpoint's training state."""
+class _Progress(LoopPosition):
+    """Everything a resume needs besides weights and optimizer: the checkpoint's training state (``epoch``:
+    epochs finished; the run resumes at an epoch boundary)."""
 
-    epoch: int = 0  # epochs finished
     history: TrainingHistory = field(default_factory=TrainingHistory)
     bad_epochs: int = 0
     learning_rate: float = 0.0
@@ -223,7 +211,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    _atomic_save(payload, path)
+    atomic_save(payload, path)
 
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Progress:
@@ -240,42 +228,8 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         best_valid_perplexity=saved["best_valid_perplexity"],
         stopped_early=saved["stopped_early"],
     )
-    return _Progress(payload["epoch"], history, payload["bad_epochs"], payload["learning_rate"], payload["finished"])
-
-
-def _train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Sequence[Batch],
-    *,
-    order: torch.Tensor,
-    clip: float | None,
-    description: str,
-    progress: bool,
-    loss_fn: LossFunction | None,
-    autocast_dtype: torch.dtype | None,
-) -> float:
-    """One pass over ``batches`` in ``order``; returns the mean training NLL per labelled token."""
-    model.train()
-    device = _model_device(model)
-    encoder_decoder = _is_encoder_decoder(model)
-    total_nll, total_tokens = 0.0, 0
-    bar = tqdm(order.tolist(), desc=description, disable=not progress, leave=False)
-    for index in bar:
-        batch = batches[index]
-        count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
-        if count == 0:
-            continue
-        loss = _loss(model, batch, device, loss_fn, autocast_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        total_nll += float(loss.detach()) * count
-        total_tokens += count
-        bar.set_postfix(loss=f"{total_nll / total_tokens:.3f}")
-    return total_nll / max(total_tokens, 1)
+    return _Progress(epoch=payload["epoch"], history=history, bad_epochs=payload["bad_epochs"],
+                     learning_rate=payload["learning_rate"], finished=payload["finished"])
 
 
 def train_lm(
@@ -334,32 +288,47 @@ def train_lm(
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / LAST_CHECKPOINT).is_file():
             state = _load_checkpoint(directory / LAST_CHECKPOINT, model, optimizer)
-    best_weights = None
-    while not state.finished and state.epoch < epochs:
+    device, encoder_decoder = _model_device(model), _is_encoder_decoder(model)
+    epoch_nll = {"nll": 0.0, "tokens": 0}  # the running epoch's summed training NLL and its token count
+    best: dict[str, dict[str, torch.Tensor]] = {}  # "weights": the best epoch's weights, once this call has one
+
+    def epoch_items(epoch: int) -> list[int]:
+        """Start an epoch: its learning rate, train mode, and a fresh seeded batch order (drawn on the host)."""
         for group in optimizer.param_groups:
             group["lr"] = state.learning_rate
-        order = torch.randperm(len(train_batches), generator=torch.Generator().manual_seed(seed + state.epoch),
-                               device="cpu")  # the batch order is drawn on the host, whatever the device
-        description = f"epoch {state.epoch + 1}/{epochs}"
-        train_loss = _train_epoch(
-            model, optimizer, train_batches, order=order, clip=clip, description=description, progress=progress,
-            loss_fn=loss_fn, autocast_dtype=autocast_dtype,
-        )  # fmt: skip
-        perplexity = evaluate_perplexity(
+        model.train()
+        epoch_nll.update(nll=0.0, tokens=0)
+        generator = torch.Generator().manual_seed(seed + epoch)
+        return torch.randperm(len(train_batches), generator=generator, device="cpu").tolist()
+
+    def update(index: int) -> dict[str, float] | None:
+        batch = train_batches[index]
+        count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
+        if count == 0:
+            return None
+        loss = _loss(model, batch, device, loss_fn, autocast_dtype)
+        gradient_step(loss, optimizer, parameters=model.parameters(), clip=clip)
+        epoch_nll["nll"] += float(loss.detach()) * count
+        epoch_nll["tokens"] += count
+        return {"loss": epoch_nll["nll"] / epoch_nll["tokens"]}
+
+    def end_epoch() -> None:
+        """Validate the epoch's weights, keep the best, decay the learning rate, checkpoint."""
+        train_loss = epoch_nll["nll"] / max(epoch_nll["tokens"], 1)
+        valid_perplexity = evaluate_perplexity(
             model, valid_batches, progress=progress, loss_fn=loss_fn, autocast_dtype=autocast_dtype
         )
-        improved = perplexity < state.history.best_valid_perplexity
-        state.epoch += 1
+        improved = valid_perplexity < state.history.best_valid_perplexity
         metrics = {} if on_epoch_end is None else _epoch_metrics(on_epoch_end, model, state.epoch)
         state.history.epochs.append(
-            EpochRecord(state.epoch, train_loss, perplexity, state.learning_rate, improved, metrics)
+            EpochRecord(state.epoch, train_loss, valid_perplexity, state.learning_rate, improved, metrics)
         )
         if improved:
-            state.history.best_epoch, state.history.best_valid_perplexity = state.epoch, perplexity
+            state.history.best_epoch, state.history.best_valid_perplexity = state.epoch, valid_perplexity
             state.bad_epochs = 0
-            best_weights = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+            best["weights"] = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
             if directory is not None:
-                _atomic_save(best_weights, directory / BEST_WEIGHTS)
+                atomic_save(best["weights"], directory / BEST_WEIGHTS)
         else:
             state.bad_epochs += 1
             state.learning_rate *= lr_decay
@@ -367,6 +336,12 @@ def train_lm(
                 state.history.stopped_early = state.finished = True
         if directory is not None:
             _save_checkpoint(directory / LAST_CHECKPOINT, model, optimizer, state)
+
+    run_loop(state, epoch_items=epoch_items, update=update, end_epoch=end_epoch,
+             stop=lambda: "finished" if state.finished or state.epoch >= epochs else None,
+             progress=Progress(f"train_lm ({epochs} epochs at most)", enabled=progress,
+                               postfix=lambda logs: {"epoch": state.epoch + 1, "loss": f"{logs['loss']:.3f}"}))
+    best_weights = best.get("weights")
     if best_weights is None and directory is not None and (directory / BEST_WEIGHTS).is_file():
         best_weights = torch.load(directory / BEST_WEIGHTS, map_location="cpu", weights_only=True)
     if best_weights is not None:

@@ -1,4 +1,16 @@
-"""The training loop shared by MLE, MGS, MRT and PG: batches, validation, early stopping, checkpoints.
+"""The training loop: one loop with hooks that every trainer of the library and its benchmarks runs.
+
+:func:`run_loop` visits batches epoch after epoch, times every update (wall and process CPU time), shows a
+progress bar and asks its hooks what to do: which batches an epoch visits (``epoch_items``), how to make one
+update (``update``: the per-batch loss, its backward pass and the optimiser step), what follows an update
+(``after_update``: validation, checkpoints, budgets) and an epoch (``end_epoch``), and when to stop
+(``stop``). Where a run stands is a :class:`LoopPosition`, which the trainers keep in their checkpoints so
+that a later call resumes exactly. :func:`autocast` and :func:`gradient_step` are the mixed-precision
+context and the clipped optimiser step the trainers share.
+
+The trainers built on it: :func:`train` here (MLE, MGS, MRT and PG over parallel text),
+:func:`training.lm.train_lm` (MLE of language models, per-epoch validation perplexity),
+:func:`training.self_terminating_finetune.finetune_self_terminating` and the benchmarks' SmolLM2 fine-tunes.
 
 :func:`train` runs an update step (:mod:`training.steps`, :class:`training.mgs.MGSStep`) over shuffled
 epochs until a budget is spent (updates, epochs or seconds of update time), validates every so often
@@ -13,24 +25,138 @@ weights so far, by validation score).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, model_signature
-from .data import EncodedParallel, epoch_batches, make_batch
-from .steps import UpdateStep
+from .parallel_text import EncodedParallel, epoch_batches, make_batch
 
-__all__ = ["LoopConfig", "TrainResult", "train", "load_best"]
+if TYPE_CHECKING:
+    from .steps import UpdateStep
 
+__all__ = ["LoopPosition", "Progress", "run_loop", "autocast", "gradient_step", "LoopConfig", "TrainResult",
+           "train", "load_best"]
+
+Item = TypeVar("Item")
+Prepared = TypeVar("Prepared")
+Logs = Mapping[str, float]
 Validate = Callable[[torch.nn.Module], float]
 StopRule = Callable[[list[dict[str, float]]], bool]
 
 
+# ----------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoopPosition:
+    """Where a run of :func:`run_loop` stands.
+
+    Attributes:
+        updates: updates made so far.
+        epoch: epochs finished.
+        batch_index: batches of the current epoch visited (updated or skipped).
+        train_seconds: wall time of the updates; train_cpu_seconds: their process CPU time (steadier on a
+            shared machine). Batch preparation and the hooks are not counted.
+    """
+
+    updates: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The progress bar of :func:`run_loop`: one step per update, or its CPU seconds with ``by_cpu_seconds``.
+
+    ``postfix(logs)`` gives the numbers shown beside the bar after each update.
+    """
+
+    description: str
+    total: float | None = None
+    by_cpu_seconds: bool = False
+    postfix: Callable[[Logs], Mapping[str, object]] = lambda logs: {}
+    enabled: bool = True
+
+
+def _never() -> str | None:
+    return None
+
+
+def run_loop(position: LoopPosition, *, epoch_items: Callable[[int], Sequence[Item]],
+             update: Callable[[Prepared], Logs | None], prepare: Callable[[Item], Prepared] = lambda item: item,
+             after_update: Callable[[Logs], str | None] = lambda logs: None,
+             end_epoch: Callable[[], str | None] = _never, stop: Callable[[], str | None] = _never,
+             progress: Progress | None = None) -> str:
+    """Run updates until a hook gives a reason to stop; return that reason.
+
+    Args:
+        position: where to start (a fresh one, or one restored from a checkpoint); advanced in place.
+        epoch_items: ``epoch -> items``, the batches (or batch indices) epoch ``epoch`` visits, in order;
+            called when an epoch starts (a resumed epoch skips its first ``position.batch_index``).
+        update: one optimiser update on a prepared item; returns its logs, or None for a batch skipped
+            without an update. Timed.
+        prepare: item -> what ``update`` takes (e.g. a padded batch on the device). Not timed.
+        after_update: called after every update with its logs; a string stops the run with that reason.
+        end_epoch: called after each epoch, once ``position.epoch`` counts it; a string stops the run.
+        stop: asked before the first update and after every epoch; a string stops the run.
+        progress: the bar to show (None: none).
+    """
+    spec = progress or Progress("", enabled=False)
+    initial = position.train_cpu_seconds if spec.by_cpu_seconds else position.updates
+    bar = tqdm(total=spec.total, initial=initial, desc=spec.description, disable=not spec.enabled,
+               unit="cpu s" if spec.by_cpu_seconds else "it", dynamic_ncols=True)
+    try:
+        reason = stop()
+        while reason is None:
+            items = epoch_items(position.epoch)
+            while position.batch_index < len(items):
+                prepared = prepare(items[position.batch_index])
+                started, started_cpu = time.perf_counter(), time.process_time()
+                logs = update(prepared)
+                cpu = time.process_time() - started_cpu
+                position.train_seconds += time.perf_counter() - started
+                position.train_cpu_seconds += cpu
+                position.batch_index += 1
+                if logs is None:
+                    continue
+                position.updates += 1
+                bar.update(cpu if spec.by_cpu_seconds else 1)
+                bar.set_postfix(spec.postfix(logs))
+                reason = after_update(logs)
+                if reason is not None:
+                    return reason
+            position.epoch += 1
+            position.batch_index = 0
+            reason = end_epoch() or stop()
+        return reason
+    finally:
+        bar.close()
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device_type`` with ``dtype`` (e.g. ``torch.bfloat16``); nothing when None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, parameters: Iterable[torch.Tensor],
+                  clip: float | None) -> float | None:
+    """Zero the gradients, back-propagate ``loss``, clip the gradient norm of ``parameters`` to ``clip``
+    (None: no clipping) and step ``optimizer``; returns the norm before clipping (None without clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = None if clip is None else float(torch.nn.utils.clip_grad_norm_(parameters, clip))
+    optimizer.step()
+    return norm
+
+
+# ------------------------------------------------------------------------------ parallel text: train
 @dataclass(frozen=True)
 class LoopConfig:
     """Budget and bookkeeping of :func:`train` (at least one of the three budgets must be set).
@@ -78,17 +204,12 @@ class LoopConfig:
 
 
 @dataclass
-class TrainResult:
-    """Where training ended. ``history`` has one dict per validation (update, epoch, train_seconds,
-    train_cpu_seconds, score, and the mean step logs since the previous validation). ``train_seconds`` is
-    wall time of the updates; ``train_cpu_seconds`` their process CPU time (steadier on a shared machine).
-    ``step_logs`` has one dict per update (``update`` and the step's logs) when ``keep_step_logs``."""
+class TrainResult(LoopPosition):
+    """Where training ended (a :class:`LoopPosition`) and what it found. ``history`` has one dict per
+    validation (update, epoch, train_seconds, train_cpu_seconds, score, and the mean step logs since the
+    previous validation). ``step_logs`` has one dict per update (``update`` and the step's logs) when
+    ``keep_step_logs``."""
 
-    updates: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    train_seconds: float = 0.0
-    train_cpu_seconds: float = 0.0
     best_score: float | None = None
     best_update: int | None = None
     bad_validations: int = 0
@@ -205,13 +326,8 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
         lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result))
     if config.validate_at_start and validate is not None and result.updates == 0 and not result.history:
         validator.run(result, known_score=start_score)
-    bar = tqdm(total=config.max_updates, initial=result.updates, disable=not config.progress,
-               desc=type(step).__name__, dynamic_ncols=True)
-    try:
-        result.stop_reason = _run_epochs(model, step, data, optimizer, scheduler, config, generator, result,
-                                         validator, save, bar, stop_rule)
-    finally:
-        bar.close()
+    result.stop_reason = _run_epochs(model, step, data, optimizer, scheduler, config, generator, result,
+                                     validator, save, stop_rule)
     if validate is not None and (not result.history or result.history[-1]["update"] != result.updates):
         validator.run(result)
     if save is not None:
@@ -219,47 +335,38 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
     return result
 
 
-def _update(model, step, batch, optimizer, config: LoopConfig, generator) -> dict[str, float]:
-    if config.autocast_dtype is None:
-        return step(model, batch, optimizer, generator=generator)
-    device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=config.autocast_dtype):
-        return step(model, batch, optimizer, generator=generator)
+def _run_epochs(model, step, data, optimizer, scheduler, config: LoopConfig, generator, result: TrainResult,
+                validator: _Validator, save: Callable[[], None] | None, stop_rule: StopRule | None) -> str:
+    """:func:`run_loop` over ``data``'s shuffled epochs with ``step``; returns why it stopped."""
+    device = next(model.parameters()).device
 
+    def update(batch) -> dict[str, float]:
+        with autocast(device.type, config.autocast_dtype):
+            logs = step(model, batch, optimizer, generator=generator)
+        if scheduler is not None:
+            scheduler.step()
+        return logs
 
-def _run_epochs(model, step, data, optimizer, scheduler, config, generator, result, validator, save,
-                bar, stop_rule) -> str:
-    while True:
-        reason = _budget_spent(config, result)
-        if reason is not None:
-            return reason
-        batches = epoch_batches(data, batch_size=config.batch_size, epoch=result.epoch, seed=config.seed)
-        while result.batch_index < len(batches):
-            batch = make_batch(data, batches[result.batch_index]).to(next(model.parameters()).device)
-            started, started_cpu = time.perf_counter(), time.process_time()
-            logs = _update(model, step, batch, optimizer, config, generator)
-            if scheduler is not None:
-                scheduler.step()
-            result.train_seconds += time.perf_counter() - started
-            result.train_cpu_seconds += time.process_time() - started_cpu
-            result.updates += 1
-            result.batch_index += 1
-            validator.logs.append(logs)
-            if config.keep_step_logs:
-                result.step_logs.append({"update": result.updates, **logs})
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:3]})
-            validated = validator.due(result)
-            if validated:
-                validator.run(result)
-                if config.patience is not None and result.bad_validations >= config.patience:
-                    return "patience"
-                if stop_rule is not None and stop_rule(result.history):
-                    return "plateau"
-            if save is not None and (validated or result.updates % config.checkpoint_every == 0):
-                save()
-            reason = _budget_spent(config, result)
-            if reason is not None:
-                return reason
-        result.epoch += 1
-        result.batch_index = 0
+    def after_update(logs: dict[str, float]) -> str | None:
+        validator.logs.append(logs)
+        if config.keep_step_logs:
+            result.step_logs.append({"update": result.updates, **logs})
+        validated = validator.due(result)
+        if validated:
+            validator.run(result)
+            if config.patience is not None and result.bad_validations >= config.patience:
+                return "patience"
+            if stop_rule is not None and stop_rule(result.history):
+                return "plateau"
+        if save is not None and (validated or result.updates % config.checkpoint_every == 0):
+            save()
+        return _budget_spent(config, result)
+
+    return run_loop(
+        result, epoch_items=lambda epoch: epoch_batches(data, batch_size=config.batch_size, epoch=epoch,
+                                                         seed=config.seed),
+        prepare=lambda indices: make_batch(data, indices).to(device), update=update, after_update=after_update,
+        stop=lambda: _budget_spent(config, result),
+        progress=Progress(type(step).__name__, total=config.max_updates, enabled=config.progress,
+                          postfix=lambda logs: {k: f"{v:.3g}" for k, v in list(logs.items())[:3]}),
+    )  # fmt: skip

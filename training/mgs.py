@@ -1,4 +1,5 @@
-"""MLE-guided parameter search (MGS; Welleck & Cho, AAAI 2021), METHODS.md section 4.
+"""MLE-guided parameter search (MGS; Welleck & Cho, "MLE-guided parameter search for task loss minimization in
+neural sequence modeling", AAAI 2021).
 
 One update:
 
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
-from .data import Batch
+from .parallel_text import Batch
 from .task import SequenceTask
 
 __all__ = ["MGSConfig", "mle_direction", "sample_candidates", "candidate_costs", "log_proposal_density",

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from decoding.self_terminating import SelfTerminatingLM, check_epsilon, make_self_terminating, termination_bound
 
 from .lm import collate_lm_batch
+from .loop import LoopPosition, Progress, gradient_step, run_loop
 
 __all__ = [
     "EpsilonChoice",
@@ -278,19 +278,26 @@ def finetune_self_terminating(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    order: list[int] = []
-    result.train()
-    bar = tqdm(range(steps), desc=f"fine-tune {kind} eps={epsilon:g}", disable=not progress)
-    for _ in bar:
-        if not order:
-            order = torch.randperm(len(batches), generator=generator, device="cpu").tolist()  # host-side order
-        batch = batches[order.pop()]
+
+    def pass_order(epoch: int) -> list[dict[str, torch.Tensor]]:
+        """The batches of one pass, in a fresh seeded order (drawn on the host)."""
+        order = torch.randperm(len(batches), generator=generator, device="cpu").tolist()
+        return [batches[index] for index in reversed(order)]
+
+    def update(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         loss = result(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       labels=batch["labels"].to(device)).loss  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        gradient_step(loss, optimizer, parameters=parameters, clip=1.0)
+        return {"loss": float(loss.detach())}
+
+    position = LoopPosition()
+
+    def steps_done(*_: object) -> str | None:
+        return "steps" if position.updates >= steps else None
+
+    result.train()
+    run_loop(position, epoch_items=pass_order, update=update, after_update=steps_done, stop=steps_done,
+             progress=Progress(f"fine-tune {kind} eps={epsilon:g}", total=steps, enabled=progress,
+                               postfix=lambda logs: {"loss": f"{logs['loss']:.3f}"}))
     optimizer.zero_grad(set_to_none=True)
     return result.eval()

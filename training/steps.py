@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .data import Batch
+from .parallel_text import Batch
+from .loop import gradient_step
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
 from .task import Seq2SeqTask, SequenceTask
 
@@ -32,12 +33,9 @@ class UpdateStep(Protocol):
 
 def _backward_and_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                        clip: float) -> float:
+    norm = gradient_step(loss, optimizer, parameters=[p for p in model.parameters() if p.requires_grad], clip=clip)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 class MLEStep:
@@ -96,7 +94,7 @@ class _SampledStep:
 
 
 class MRTStep(_SampledStep):
-    """Minimum risk training: ``Σ_k cost_k Q_k`` over 4 samples per source (METHODS.md section 4)."""
+    """Minimum risk training: ``Σ_k cost_k Q_k`` over 4 samples per source (Shen et al. 2016, "Minimum risk training for neural machine translation")."""
 
     def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
         return mrt_loss(scores, costs)

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 import torch
 
 from .costs import Cost, Decoded, get_cost
-from .data import Batch
+from .parallel_text import Batch
 from .decode import GenerateFn, decode
 from .losses import length_normalised, mle_loss, teacher_forced_logprobs
 
@@ -36,7 +36,7 @@ class SequenceTask(Protocol):
 
 @dataclass(frozen=True)
 class Seq2SeqTask:
-    """Translation-style task over :class:`training.data.Batch` objects.
+    """Translation-style task over :class:`training.parallel_text.Batch` objects.
 
     Attributes:
         tokenizer: turns hypotheses back into detokenised text for the cost.

@@ -24,7 +24,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_frequen
     """Train a BPE tokenizer on ``texts`` (e.g. both sides of the training split).
 
     Ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``. No special tokens are added on encoding;
-    callers append eos themselves (see :func:`training.data.encode_parallel`).
+    callers append eos themselves (see :func:`training.parallel_text.encode_parallel`).
     """
     if vocab_size < 16:
         raise ValueError(f"vocab_size must be >= 16, got {vocab_size}")

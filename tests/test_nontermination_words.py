@@ -15,7 +15,7 @@ import torch
 
 import benchmarks.nontermination_words as words_module
 from benchmarks import nontermination as nt
-from benchmarks.data import pad_context
+from benchmarks.datasets import pad_context
 from benchmarks.nontermination_cells import CellResult, DecoderSpec, cell_metrics, decode_cell
 from benchmarks.nontermination_report import degenerate
 from benchmarks.nontermination_words import CONTEXT_LEN, CONTEXT_PAD, WordSettings, load_word_data
@@ -187,7 +187,7 @@ def test_the_readme_first_command_installs_what_the_smollm2_loader_imports() -> 
 
 
 def test_word_models_start_from_the_unigram_distribution_of_their_targets() -> None:
-    from benchmarks.data import Vocabulary
+    from benchmarks.datasets import Vocabulary
     from benchmarks.nontermination_words import WordModelSpec, build_word_model
 
     vocab = Vocabulary(Vocabulary.SPECIALS + ("a", "b"))

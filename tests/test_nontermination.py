@@ -4,21 +4,22 @@ pipeline on a tiny WikiText-2 slice (tiny RNN/LSTM; a tiny random Llama standing
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import benchmarks.nontermination_report as report_module
-import benchmarks.nontermination_smollm2 as smol_module
+import benchmarks.smollm2 as smol_module
 import benchmarks.nontermination_words as words_module
 from benchmarks import nontermination as nt
+from benchmarks.common import format_epsilon, select
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_metrics
-from benchmarks.nontermination_smollm2 import SmolSettings, detokenize_wikitext
+from benchmarks.smollm2 import SmolSettings, detokenize_wikitext
 from benchmarks.nontermination_words import WordSettings
+
+from .tiny_models import tiny_smollm2
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "wikitext-2" / "test.txt").is_file(), reason="WikiText-2 not found")
@@ -66,11 +67,11 @@ def test_cell_metrics_rejects_bad_input() -> None:
 # ---------------------------------------------------------------------------------------- names, cli
 def test_select_names_and_globs() -> None:
     names = nt.all_models(nt.Settings())
-    assert nt.select("lstm-st-*", names, what="models") == ["lstm-st-1e-3", "lstm-st-1e-4", "lstm-st-1e-5"]
-    assert nt.select("smollm2,rnn-vanilla", names, what="models") == ["rnn-vanilla", "smollm2"]
+    assert select("lstm-st-*", names, what="models") == ["lstm-st-1e-3", "lstm-st-1e-4", "lstm-st-1e-5"]
+    assert select("smollm2,rnn-vanilla", names, what="models") == ["rnn-vanilla", "smollm2"]
     with pytest.raises(ValueError, match="unknown model 'gpt9'"):
-        nt.select("gpt9", names, what="models")
-    assert nt.format_epsilon(1e-3) == "1e-3" and nt.format_epsilon(5e-4) == "5e-4"
+        select("gpt9", names, what="models")
+    assert format_epsilon(1e-3) == "1e-3" and format_epsilon(5e-4) == "5e-4"
 
 
 def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,24 +108,6 @@ TINY = replace(
     smol_max_new_tokens=12,
     smol_decoders=("greedy", "consistent-nucleus-0.4"),
 )  # fmt: skip
-
-
-class WordTokenizer:
-    """Stands in for SmolLM2's tokenizer: one id per word, by hash."""
-
-    eos_token_id = EOS
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [3 + zlib.crc32(word.encode()) % 61 for word in text.split()]}
-
-
-def tiny_llama() -> tuple[WordTokenizer, LlamaForCausalLM]:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0,
-                         eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=True)  # fmt: skip
-    config._attn_implementation = "sdpa"
-    return WordTokenizer(), LlamaForCausalLM(config).eval()
 
 
 def _run(tmp_path: Path, models: str, decoders: str | None = None) -> nt.RunResult:
@@ -192,7 +175,7 @@ def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
 
 @needs_data
 def test_smollm2_pipeline_with_a_tiny_llama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(smol_module, "load_smollm2", tiny_llama)
+    monkeypatch.setattr(smol_module, "load_smollm2", tiny_smollm2)
     monkeypatch.setattr(smol_module, "smollm2_problems", lambda: [])  # CI need not have the real model
     result = _run(tmp_path, "smollm2*")
     names = ["smollm2", "smollm2-ft-vanilla", "smollm2-ft-st-2e-1", "smollm2-ft-nmst-2e-1"]

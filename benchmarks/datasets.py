@@ -10,7 +10,8 @@ Where the files come from, first match wins:
 
 Locations 1 and 2 are never written to: missing files there are an error. Every file is checked against
 its sha256 (from ``shared/data/README.md``) before use. Downloads use only ``urllib``, show a tqdm bar and
-are written to a temporary file, verified, then moved into place with ``os.replace``.
+are written to a temporary file, verified, then copied into place atomically
+(:func:`training.checkpoint.atomic_copy`).
 
 Example::
 
@@ -27,7 +28,6 @@ import contextlib
 import gzip
 import hashlib
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -35,16 +35,19 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import torch
 from tqdm import tqdm
 
+from benchmarks.common import cache_root
+from training.checkpoint import atomic_copy
+from training.padding import pad_rows
+
 __all__ = [
     "DATA_ENV",
-    "CACHE_ENV",
     "Source",
     "ChecksumError",
     "DatasetNotFoundError",
@@ -52,14 +55,10 @@ __all__ = [
     "WIKITEXT2_SOURCES",
     "MULTI30K_SHA256",
     "MULTI30K_SOURCES",
-    "cache_root",
-    "settings_key",
     "default_cache_dir",
     "sha256_file",
     "locate_dataset",
     "add_data_arguments",
-    "add_run_arguments",
-    "set_threads",
     "Vocabulary",
     "split_sentences",
     "wikitext_sequences",
@@ -72,7 +71,6 @@ __all__ = [
 ]
 
 DATA_ENV = "CONSISTENT_DECODING_DATA"
-CACHE_ENV = "CONSISTENT_DECODING_CACHE"
 
 T = TypeVar("T")
 
@@ -144,19 +142,6 @@ MULTI30K_SOURCES = (
 
 # ---------------------------------------------------------------------------------------------------------
 # locating and downloading
-
-
-def cache_root() -> Path:
-    """``$CONSISTENT_DECODING_CACHE``, default ``~/.cache/consistent-decoding``: where the benchmarks keep
-    data, trained models and finished results (outside the repository)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "consistent-decoding").expanduser()
-
-
-def settings_key(settings: Any) -> str:
-    """A short, stable hash of a settings dataclass (or a dict): the name of the cache folder holding the
-    numbers those settings decide."""
-    values = settings if isinstance(settings, dict) else asdict(settings)
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> Path:
@@ -279,7 +264,7 @@ def _download(
 
 @contextlib.contextmanager
 def _temporary_path(folder: Path, stem: str) -> Iterator[Path]:
-    """A fresh path in ``folder`` (same file system, so ``os.replace`` is atomic), removed afterwards."""
+    """A fresh path in ``folder`` for a download in progress, removed afterwards."""
     handle, name = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".part")
     os.close(handle)
     try:
@@ -305,7 +290,7 @@ def _install(tmp: Path, dest: Path, expected: str, *, url: str) -> None:
             f"{dest.name} downloaded from {url} has sha256 {actual}, expected {expected}: the source serves "
             f"a different file; nothing was written to {dest.parent}."
         )
-    os.replace(tmp, dest)
+    atomic_copy(tmp, dest)
 
 
 def _fetch_files(
@@ -345,28 +330,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"directory containing wikitext-2/ and multi30k/ (e.g. ../shared/data); default ${DATA_ENV}, "
         f"else the cache {default_cache_dir()} (downloaded when missing)",
     )
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, *, cache_dir: Path, out_dir: Path) -> None:
-    """The options every resumable benchmark shares: where the report and the cache go, the seed, which
-    models, threads, progress bars and report-only mode."""
-    parser.add_argument("--out", type=Path, default=out_dir, help="directory for the report")
-    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {cache_dir}")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data sampling, training and decoding")
-    parser.add_argument("--models", default=None, help="comma-separated model names or globs (default: all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train and decode nothing: write the report from the cached results")
-
-
-def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
-    """Apply ``--threads`` (``parser.error`` below 1; None keeps torch's default)."""
-    if threads is None:
-        return
-    if threads < 1:
-        parser.error(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -621,17 +584,11 @@ def _check_rows(rows: Sequence[Sequence[int]], name: str) -> None:
 def prompt_batch(prompts: Sequence[Sequence[int]], *, pad_id: int) -> PromptBatch:
     """Left-pad token-id prompts to one ``[B, T]`` batch (``T`` = longest prompt)."""
     _check_rows(prompts, "prompts")
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    return PromptBatch(input_ids, attention_mask)
+    return PromptBatch(*pad_rows(prompts, pad_token_id=pad_id, side="left"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m benchmarks.data [--data-dir D] [NAME ...]``: locate (download) datasets, print folders."""
+    """``python -m benchmarks.datasets [--data-dir D] [NAME ...]``: locate (download) datasets, print folders."""
     known = {
         "wikitext-2": (WIKITEXT2_SHA256, WIKITEXT2_SOURCES),
         "multi30k": (MULTI30K_SHA256, MULTI30K_SOURCES),

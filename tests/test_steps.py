@@ -1,4 +1,5 @@
-"""MRT and PG: losses against hand computation and gradcheck; the update steps on a tiny BART."""
+"""training.steps (MRT and PG) and their losses (training.losses): losses against hand computation and
+gradcheck; the update steps on a tiny BART."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import math
 import pytest
 import torch
 
-from training.data import ParallelText, encode_parallel, make_batch
+from training.parallel_text import ParallelText, encode_parallel, make_batch
 from training.losses import (MovingAverageBaseline, length_normalised, mrt_loss, pg_loss,
                              teacher_forced_logprobs)
-from training.models import Seq2SeqSize, build_seq2seq
+from training.seq2seq import Seq2SeqSize, build_seq2seq
 from training.steps import MRTStep, PGStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer

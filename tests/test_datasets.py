@@ -1,4 +1,4 @@
-"""Data pipeline: locating, verifying and downloading files; tokenising; contexts; batches."""
+"""benchmarks.datasets: locating, verifying and downloading files; tokenising; contexts; batches."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.data import (
-    CACHE_ENV,
+from benchmarks.common import CACHE_ENV
+from benchmarks.datasets import (
     DATA_ENV,
     MULTI30K_SHA256,
     WIKITEXT2_SHA256,

@@ -1,4 +1,5 @@
-"""The same update steps drive a decoder-only LM against non-termination (left-padded prompts)."""
+"""training.task with a decoder-only LM: the same update steps drive it against non-termination (left-padded
+prompts)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from training.data import ParallelText, encode_parallel, make_batch
+from training.parallel_text import ParallelText, encode_parallel, make_batch
 from training.decode import decode
 from training.losses import mle_loss, teacher_forced_logits
 from training.mgs import MGSConfig, MGSStep
