@@ -183,8 +183,11 @@ def format_epsilon(epsilon: float) -> str:
 
 
 def say(message: str) -> None:
-    """A progress line on stderr (the reports go to files)."""
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr (the reports go to files); under ``torchrun``, from rank 0 only."""
+    from training.distributed import current_ranks
+
+    if current_ranks().main:
+        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- figures

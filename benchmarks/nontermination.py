@@ -42,9 +42,10 @@ from benchmarks.common import (REPO, add_run_arguments, command_line, format_eps
                                select, set_threads, write_json)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
-from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
+from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_cell, load_cell, save_cell
 from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
 from benchmarks.nontermination_words import WordModelSpec
+from training.distributed import barrier, current_ranks, init_distributed, local_device
 
 SMOL_VARIANTS = ("pretrained", "ft-vanilla", "ft-st", "ft-nmst")
 
@@ -96,8 +97,9 @@ def _decode_missing(
     reference_lengths: list[int], eos: int, pad: int, max_new_tokens: int, progress: bool,
     unk: int | None = None,
 ) -> None:  # fmt: skip
+    ranks = current_ranks()  # under torchrun: every process decodes its share, rank 0 writes the cell
     for decoder in decoders:
-        path = folder / f"{name}__{decoder}.json"
+        path = cell_file(folder, name, decoder)
         if path.is_file():
             continue
         result = decode_cell(
@@ -105,7 +107,9 @@ def _decode_missing(
             max_new_tokens=max_new_tokens, reference_lengths=reference_lengths, sample_sets=settings.sample_sets,
             seed=settings.seed, batch_size=settings.batch_prompts, progress=progress, unk_token_id=unk,
         )  # fmt: skip
-        save_cell(result, path)
+        if ranks.main:
+            save_cell(result, path)
+        barrier(ranks)
         summary = result.summary()
         say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} "
              f"len={summary['mean_length']:.1f} ({result.seconds:.0f} s)")  # fmt: skip
@@ -120,7 +124,7 @@ def _run_words(
     data = None
     words = settings.words
     for spec in word_specs(settings):
-        missing = [d for d in decoders if not (root / "cells" / f"{spec.name}__{d}.json").is_file()]
+        missing = [d for d in decoders if not cell_file(root / "cells", spec.name, d).is_file()]
         done = not missing and (root / "models" / f"{spec.name}.json").is_file()
         # a head model trained at equal compute starts from the vanilla model's checkpoint
         needed_as_start = (spec.head == "vanilla" and words.shares_epochs
@@ -158,7 +162,7 @@ def _run_smollm2(
     for name, variant in smol_names(settings).items():
         if name not in models:
             continue
-        missing = [d for d in decoders if not (root / "cells" / f"{name}__{d}.json").is_file()]
+        missing = [d for d in decoders if not cell_file(root / "cells", name, d).is_file()]
         if not missing and (root / "models" / f"smollm2-{variant}.json").is_file():
             continue
         if bench is None:
@@ -192,9 +196,12 @@ def run_benchmark(
     ``device``: where the word models train and decode (not part of the cache key).
     """
     root = Path(cache_dir) / cache_key(settings)
-    (root / "cells").mkdir(parents=True, exist_ok=True)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    write_json(root / "settings.json", asdict(settings))
+    ranks = current_ranks()
+    if ranks.main:
+        (root / "cells").mkdir(parents=True, exist_ok=True)
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        write_json(root / "settings.json", asdict(settings))
+    barrier(ranks)
     smol_decoders = [d for d in decoders if d in settings.smol_decoders]
     if compute:
         _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress,
@@ -208,7 +215,7 @@ def run_benchmark(
         if record_file.is_file():
             result.records[name] = json.loads(record_file.read_text())
         for decoder in smol_decoders if name in smol else decoders:
-            cell = load_cell(root / "cells" / f"{name}__{decoder}.json")
+            cell = load_cell(cell_file(root / "cells", name, decoder))
             if cell is not None:
                 result.cells.append(cell)
             else:
@@ -286,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     tier = parser.add_mutually_exclusive_group()
     tier.add_argument("--quick", action="store_true", help="10k vocabulary, 2 epochs, 400 prompts, SmolLM2: about 48 min on 2 CPU cores")
     tier.add_argument("--standard", action="store_true",
-                      help="full vocabulary and training split, 1,000 prompts, word models (target: at most 3 h on 2 CPU cores; not yet measured)")
+                      help="full vocabulary and training split, 1,000 prompts, word models (about 3 h on 2 CPU cores; resumes after a kill)")
     add_data_arguments(parser)
     add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
     parser.add_argument("--decoders", default=None, help="comma-separated decoder names or globs (default: all)")
@@ -304,10 +311,11 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     tier = "quick" if args.quick else "standard" if args.standard else "full"
     settings = replace(settings or {"quick": QUICK, "standard": STANDARD, "full": Settings()}[tier], seed=args.seed)
     try:
-        device = resolve_device(args.device)
+        device = local_device(resolve_device(args.device))
         autocast = training_autocast(args.dtype, device, tier=settings.words.autocast)
     except ValueError as error:
         parser.error(str(error))
+    ranks = init_distributed(device)  # a group of one without torchrun
     settings = replace(settings, words=replace(settings.words, autocast=autocast))
     set_threads(parser, args.threads)
     if args.list:
@@ -324,6 +332,9 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         if device.type != "cpu" and settings.smollm2 and any(name in models for name in smol_names(settings)):
             problems.append(f"--device {device}: the SmolLM2 cells run on the CPU only for now; select the word "
                             "models with --models, or use --device cpu")
+        if ranks.distributed and settings.smollm2 and any(name in models for name in smol_names(settings)):
+            problems.append(f"torchrun with {ranks.size} processes: the SmolLM2 part runs in one process only "
+                            "for now; select the word models with --models 'rnn-*,lstm-*'")
         if problems:
             parser.error("cannot start, nothing was trained:\n  - " + "\n  - ".join(problems))
     start = time.perf_counter()
@@ -345,6 +356,8 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
               "cells": result.cells, "notes": notes, "wall_seconds": wall}  # fmt: skip
     stem = "nontermination" + ("-standard" if tier == "standard" else "")
     shared["papers"] = PAPERS_LSTM if tier == "standard" else None
+    if not ranks.main:
+        return result
     written = write_outputs(args.out, markdown=markdown_report(**shared), report=json_report(**shared),
                             cells=result.cells, records=records, stem=stem)  # fmt: skip
     say("wrote " + ", ".join(str(path) for path in written))

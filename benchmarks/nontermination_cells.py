@@ -4,7 +4,7 @@ A *cell* is one model decoded with one decoder on the benchmark's prompts. :func
 :func:`decoding.generate` up to ``L`` new tokens and :func:`cell_metrics` turns the generated tokens into
 the table's numbers: the non-termination ratio ``r_L``, the mean generated length and its ratio to the
 reference continuations', and seq-rep-4. Sampled decoders draw ``R`` independent sample sets in one call
-(``num_return_sequences=R``, one seeded generator); each set is scored on its own and the table shows the
+(``num_return_sequences=R``, one seeded generator per chunk of prompts); each set is scored on its own and the table shows the
 mean and the spread (sample standard deviation) over the sets.
 """
 
@@ -26,12 +26,16 @@ from decoding.generate import generate
 from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
 from training.checkpoint import atomic_write_text
 from training.decode import eos_lengths
+from training.distributed import Ranks, current_ranks, gather, shard
 
 __all__ = [
     "DecoderSpec",
     "DECODERS",
     "CellResult",
     "cell_metrics",
+    "cell_file",
+    "cell_units",
+    "chunk_seed",
     "decode_cell",
     "load_cell",
     "save_cell",
@@ -205,12 +209,32 @@ def cell_seed(seed: int, model: str, decoder: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{model}/{decoder}".encode())) % (2**63)
 
 
+def chunk_seed(seed: int, model: str, decoder: str, first_prompt: int) -> int:
+    """The seed of the sampled chunk that starts at prompt ``first_prompt``: a chunk draws the same numbers
+    whichever process decodes it and whatever was decoded before it."""
+    return (cell_seed(seed, model, decoder) * 1_000_003 + first_prompt) % (2**63)
+
+
 def _model_device(model: Any) -> torch.device:
     """Where ``model``'s parameters are; the CPU for a step model without any."""
     if isinstance(model, torch.nn.Module):
         for parameter in model.parameters():
             return parameter.device
     return torch.device("cpu")
+
+
+def cell_units(prompts: int, *, sampled: bool, batch_size: int, ranks: Ranks) -> list[tuple[int, int]]:
+    """The ``(first, stop)`` prompt ranges this process decodes, in order.
+
+    A sampled decoder goes by chunks of ``batch_size`` prompts, dealt round robin (each chunk has its own
+    seed, :func:`chunk_seed`); greedy and beam search take one contiguous block of the prompts per process
+    and decode it in one call with continuous batching (their output does not depend on the batch).
+    """
+    if sampled:
+        return shard([(first, min(first + batch_size, prompts)) for first in range(0, prompts, batch_size)], ranks)
+    share = -(-prompts // ranks.size)
+    first = min(ranks.rank * share, prompts)
+    return [(first, min(first + share, prompts))] if first < prompts else []
 
 
 def decode_cell(
@@ -228,38 +252,44 @@ def decode_cell(
     batch_size: int,
     progress: bool = True,
     unk_token_id: int | None = None,
+    ranks: Ranks | None = None,
 ) -> CellResult:
     """Decode ``prompts [N, P]`` (unpadded, all of length ``P``) with one decoder and score the result.
 
     A sampled decoder takes the prompts in chunks of ``batch_size`` and draws ``sample_sets`` continuations
-    per prompt in the same call, from a generator seeded from ``seed`` and the cell's names. Greedy and beam
+    per prompt in the same call, each chunk from its own generator (:func:`chunk_seed`). Greedy and beam
     search take all prompts in one call with continuous batching (``max_batch_size`` = ``batch_size``
     prompts' rows): a finished prompt's rows are refilled at once instead of idling until the chunk's
     longest row ends, with the tokens each prompt gets on its own.
+
+    ``ranks``: under ``torchrun``, the processes share the prompts (:func:`cell_units`) and every process
+    returns the whole cell, the same as one process would (default: :func:`current_ranks`).
     """
     import time
 
+    ranks = ranks or current_ranks()
     sets = sample_sets if decoder.sampled else 1
     device = _model_device(model)
-    generator = torch.Generator().manual_seed(cell_seed(seed, model_name, decoder.name))
     config = GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    start = time.perf_counter()
-    chunks, flags = [], []
-    chunk = batch_size if decoder.sampled else prompts.shape[0]
     refill = None if decoder.sampled else batch_size * decoder.options.get("num_beams", 1)
-    for first in range(0, prompts.shape[0], chunk):
-        input_ids = prompts[first : first + chunk].to(device)
+    start = time.perf_counter()
+    decoded = {}
+    for first, stop in cell_units(prompts.shape[0], sampled=decoder.sampled, batch_size=batch_size, ranks=ranks):
+        input_ids = prompts[first:stop].to(device)
+        generator = torch.Generator().manual_seed(chunk_seed(seed, model_name, decoder.name, first))
         out = generate(
             model, input_ids, torch.ones_like(input_ids), generation_config=config, consistent=decoder.consistent,
-            generator=generator, progress=progress, max_new_tokens=max_new_tokens, min_new_tokens=0,
-            num_return_sequences=sets, return_dict_in_generate=True, max_batch_size=refill, **decoder.options,
+            generator=generator, progress=progress and ranks.main, max_new_tokens=max_new_tokens,
+            min_new_tokens=0, num_return_sequences=sets, return_dict_in_generate=True, max_batch_size=refill,
+            **decoder.options,
         )  # fmt: skip
         generated = out.sequences[:, input_ids.shape[1] :]
         padded = torch.nn.functional.pad(generated, (0, max_new_tokens - generated.shape[1]), value=pad_token_id)
-        chunks.append(padded.cpu())
-        flags.append(out.terminated.cpu())
-    # chunk-major rows: prompt-major within a chunk, so the sets interleave the same way throughout
-    generated, terminated = torch.cat(chunks), torch.cat(flags)
+        decoded[first] = (padded.cpu(), out.terminated.cpu())
+    parts = {first: part for shares in gather(decoded, ranks) for first, part in shares.items()}
+    # prompt-major rows (each prompt's sets side by side), in prompt order
+    generated = torch.cat([parts[first][0] for first in sorted(parts)])
+    terminated = torch.cat([parts[first][1] for first in sorted(parts)])
     metrics = cell_metrics(
         _strip_fill(generated, eos_token_id), eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
         reference_lengths=reference_lengths, sample_sets=sets, terminated=terminated, unk_token_id=unk_token_id,
@@ -274,6 +304,18 @@ def _strip_fill(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:
     """Rows as lists: finished rows up to their eos, unfinished rows whole (they span all L tokens)."""
     lengths, _ = eos_lengths(generated, eos_token_id)
     return [row[:length] for row, length in zip(generated.tolist(), lengths.tolist())]
+
+
+# How sampled cells draw their random numbers, in their file names so that a cache never mixes schemes:
+# 1 (unnamed) - one generator per cell, running on across chunks; 2 - one generator per chunk of prompts
+# (:func:`chunk_seed`), the same under any number of processes.
+SAMPLED_DRAWS = 2
+
+
+def cell_file(folder: Path, model: str, decoder: str) -> Path:
+    """Where the cell ``model`` x ``decoder`` is cached in ``folder``."""
+    suffix = f".draws{SAMPLED_DRAWS}" if DECODERS[decoder].sampled else ""
+    return Path(folder) / f"{model}__{decoder}{suffix}.json"
 
 
 def save_cell(result: CellResult, path: Path) -> None:

@@ -34,6 +34,7 @@ from benchmarks.datasets import Vocabulary, load_wikitext, pad_context, split_co
 from decoding.generate import generate
 from decoding.models import RecurrentLM, load_recurrent_lm, lstm_lm, rnn_lm, save_recurrent_lm
 from training.checkpoint import atomic_copy, atomic_save
+from training.distributed import barrier, current_ranks
 from training.lm import LAST_CHECKPOINT, collate_lm_batch, evaluate_perplexity, train_lm
 
 __all__ = ["WordSettings", "WordData", "WordModelSpec", "load_word_data", "train_or_load_word_model",
@@ -263,6 +264,7 @@ def train_or_load_word_model(
     weights, record_path = folder / f"{spec.name}.pt", folder / f"{spec.name}.json"
     if weights.is_file() and record_path.is_file():
         return load_recurrent_lm(weights).to(device).eval(), json.loads(record_path.read_text())
+    ranks = current_ranks()  # under torchrun: trained together (training.lm.train_lm), written by rank 0
     torch.manual_seed(seed)
     model = build_word_model(spec, settings, data.vocab, data.target_counts).to(device)
     checkpoint_dir = folder / f"{spec.name}.ckpt"
@@ -271,7 +273,9 @@ def train_or_load_word_model(
         start = vanilla_start(folder, spec.cell)
         if not start.is_file():
             raise FileNotFoundError(f"{start} is missing: train {spec.cell}-vanilla first (head_epochs is set)")
-        _start_from_vanilla(start, checkpoint_dir)
+        if ranks.main:
+            _start_from_vanilla(start, checkpoint_dir)
+        barrier(ranks)
     probe = None
     if len(data.valid_prompts):
         probe = greedy_probe(data.valid_prompts, eos_token_id=data.vocab.eos_id, pad_token_id=data.vocab.pad_id,
@@ -287,7 +291,9 @@ def train_or_load_word_model(
         if not start.is_file():
             train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs - settings.head_epochs,
                      **common)  # fmt: skip
-            atomic_copy(checkpoint_dir / LAST_CHECKPOINT, start)
+            if ranks.main:
+                atomic_copy(checkpoint_dir / LAST_CHECKPOINT, start)
+            barrier(ranks)
     history = train_lm(model, data.train_batches, data.valid_batches, epochs=settings.epochs, **common)
     model.eval()
     valid = evaluate_perplexity(model, data.valid_batches, progress=progress, loss_fn=_scored_loss)
@@ -306,6 +312,8 @@ def train_or_load_word_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": time.perf_counter() - start_time,  # this process only (a resumed run counts its part)
     }
-    save_recurrent_lm(model, weights)
-    write_json(record_path, record)
+    if ranks.main:
+        save_recurrent_lm(model, weights)
+        write_json(record_path, record)
+    barrier(ranks)
     return model, record

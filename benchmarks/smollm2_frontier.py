@@ -48,7 +48,7 @@ from benchmarks import smollm2
 from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
                                select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
-from benchmarks.nontermination_cells import DECODERS, CellResult, decode_cell, load_cell, save_cell
+from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_cell, load_cell, save_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
 from training.mgs import MGSConfig, MGSStep
 from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
@@ -228,7 +228,7 @@ def _decode_missing(bench: SmolLM2Bench, name: str, head: Head, root: Path, sett
                     progress: bool) -> None:  # fmt: skip
     model = bench.decodable(head)
     for decoder in settings.decoders:
-        path = root / "cells" / f"{name}__{decoder}.json"
+        path = cell_file(root / "cells", name, decoder)
         if path.is_file():
             continue
         result = decode_cell(
@@ -244,7 +244,7 @@ def _decode_missing(bench: SmolLM2Bench, name: str, head: Head, root: Path, sett
 
 
 def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
-    cells = all((root / "cells" / f"{name}__{d}.json").is_file() for d in settings.decoders)
+    cells = all(cell_file(root / "cells", name, d).is_file() for d in settings.decoders)
     return not (cells and (root / "models" / f"{name}.json").is_file())
 
 
@@ -286,7 +286,7 @@ def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir:
         if record_file.is_file():
             result.records[name] = json.loads(record_file.read_text())
         for decoder in settings.decoders:
-            cell = load_cell(root / "cells" / f"{name}__{decoder}.json")
+            cell = load_cell(cell_file(root / "cells", name, decoder))
             if cell is None:
                 result.missing.append(f"{name} / {decoder}")
             else:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from decoding.metrics import perplexity
 
 from .checkpoint import atomic_save
+from .distributed import Ranks, all_sum, barrier, current_ranks
 from .loop import LoopPosition, Progress, autocast, gradient_step, run_loop
 from .padding import pad_rows
 
@@ -139,23 +140,76 @@ def evaluate_perplexity(
 ) -> float:
     """``exp(mean NLL)`` over every labelled token of ``batches``, in eval mode (restores train mode).
 
-    ``loss_fn`` and ``autocast_dtype`` as in :func:`train_lm`.
+    ``loss_fn`` and ``autocast_dtype`` as in :func:`train_lm`. Under ``torchrun`` every process scores every
+    ``size``-th batch and the sums are added up, so each returns the perplexity of all ``batches``.
     """
     was_training = model.training
     model.eval()
     device = _model_device(model)
     encoder_decoder = _is_encoder_decoder(model)
+    ranks = current_ranks()
     total_nll, total_tokens = 0.0, 0
-    for batch in tqdm(batches, desc="valid", disable=not progress, leave=False):
+    for batch in tqdm(batches[ranks.rank :: ranks.size], desc="valid", disable=not progress, leave=False):
         count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
         if count == 0:
             continue
         total_nll += float(_loss(model, batch, device, loss_fn, autocast_dtype)) * count
         total_tokens += count
     model.train(was_training)
+    total_nll, tokens = all_sum([total_nll, total_tokens], ranks, device=_backend_device(device))
+    total_tokens = round(tokens)
     if total_tokens == 0:
         raise ValueError("batches hold no labelled token to evaluate")
     return perplexity(total_nll, total_tokens)
+
+
+def _backend_device(device: torch.device) -> torch.device:
+    """Where collective operations take their tensors: the GPU under NCCL, the host under gloo."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+class _BatchLoss(torch.nn.Module):
+    """``batch -> mean NLL`` as a module, so that DistributedDataParallel can wrap any loss function."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFunction | None) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn or model_loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class _Replicas:
+    """MLE across the processes of a ``torchrun`` group: every batch's rows split into one contiguous block
+    per process, gradients averaged by DistributedDataParallel, and each process's loss weighted by its
+    share of the batch's labelled tokens - so the update is the one a single process makes on the whole
+    batch (up to float rounding and dropout's random masks)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFunction | None, ranks: Ranks, device: torch.device,
+                 encoder_decoder: bool) -> None:  # fmt: skip
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ranks, self.device, self.encoder_decoder = ranks, device, encoder_decoder
+        self.wrapped = DistributedDataParallel(
+            _BatchLoss(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False,
+        )  # fmt: skip
+
+    def share(self, batch: Batch) -> tuple[Batch, list[float]]:
+        """This process's rows of ``batch``, and every process's count of labelled tokens."""
+        rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.ranks.size)[self.ranks.rank]
+        part = {name: batch[name][rows] for name in ("input_ids", "attention_mask", "labels")}
+        counts = [0.0] * self.ranks.size
+        counts[self.ranks.rank] = float(_predicted_tokens(part["labels"], encoder_decoder=self.encoder_decoder))
+        return part, all_sum(counts, self.ranks, device=_backend_device(self.device))
+
+    def loss(self, part: Batch, counts: list[float], autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to back-propagate, this process's mean NLL)."""
+        on_device = {name: value.to(self.device) for name, value in part.items()}
+        with autocast(self.device.type, autocast_dtype):
+            mean = self.wrapped(on_device)
+        # DDP averages gradients over the `size` processes: weight by size * (own tokens / all tokens)
+        return mean * (self.ranks.size * counts[self.ranks.rank] / sum(counts)), mean
 
 
 def _epoch_metrics(
@@ -277,6 +331,12 @@ def train_lm(
             epoch's weights (in eval mode; train mode is restored); the values are kept in the epoch's
             :class:`EpochRecord` ``metrics`` and in the checkpoint, so a resumed run keeps them.
 
+    Under ``torchrun`` (:mod:`training.distributed`, after :func:`~training.distributed.init_distributed`)
+    every process calls ``train_lm`` with the same arguments: each batch's rows are split across the
+    processes and DistributedDataParallel averages the gradients, weighted so that the update is the one a
+    single process makes on the whole batch; validation batches are shared out; only rank 0 writes the
+    checkpoint, which any number of processes can resume.
+
     Returns:
         :class:`TrainingHistory` of every epoch run so far (including resumed ones).
     """
@@ -284,11 +344,18 @@ def train_lm(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
     state = _Progress(learning_rate=lr)
+    ranks = current_ranks()
     if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
+        if ranks.main:
+            directory.mkdir(parents=True, exist_ok=True)
+        barrier(ranks)
         if (directory / LAST_CHECKPOINT).is_file():
             state = _load_checkpoint(directory / LAST_CHECKPOINT, model, optimizer)
     device, encoder_decoder = _model_device(model), _is_encoder_decoder(model)
+    replicas = None
+    if ranks.distributed:
+        replicas = _Replicas(model, loss_fn, ranks, device, encoder_decoder)
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + ranks.rank)  # each process its own dropout masks
     epoch_nll = {"nll": 0.0, "tokens": 0}  # the running epoch's summed training NLL and its token count
     best: dict[str, dict[str, torch.Tensor]] = {}  # "weights": the best epoch's weights, once this call has one
 
@@ -303,18 +370,26 @@ def train_lm(
 
     def update(index: int) -> dict[str, float] | None:
         batch = train_batches[index]
-        count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
-        if count == 0:
-            return None
-        loss = _loss(model, batch, device, loss_fn, autocast_dtype)
+        if replicas is None:
+            count = _predicted_tokens(batch["labels"], encoder_decoder=encoder_decoder)
+            if count == 0:
+                return None
+            loss = mean = _loss(model, batch, device, loss_fn, autocast_dtype)
+        else:
+            part, counts = replicas.share(batch)
+            if min(counts) == 0:  # a process without a labelled token: every process skips the batch
+                return None
+            count = counts[ranks.rank]
+            loss, mean = replicas.loss(part, counts, autocast_dtype)
         gradient_step(loss, optimizer, parameters=model.parameters(), clip=clip)
-        epoch_nll["nll"] += float(loss.detach()) * count
+        epoch_nll["nll"] += float(mean.detach()) * count
         epoch_nll["tokens"] += count
         return {"loss": epoch_nll["nll"] / epoch_nll["tokens"]}
 
     def end_epoch() -> None:
         """Validate the epoch's weights, keep the best, decay the learning rate, checkpoint."""
-        train_loss = epoch_nll["nll"] / max(epoch_nll["tokens"], 1)
+        nll, tokens = all_sum([epoch_nll["nll"], epoch_nll["tokens"]], ranks, device=_backend_device(device))
+        train_loss = nll / max(tokens, 1)
         valid_perplexity = evaluate_perplexity(
             model, valid_batches, progress=progress, loss_fn=loss_fn, autocast_dtype=autocast_dtype
         )
@@ -327,15 +402,16 @@ def train_lm(
             state.history.best_epoch, state.history.best_valid_perplexity = state.epoch, valid_perplexity
             state.bad_epochs = 0
             best["weights"] = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
-            if directory is not None:
+            if directory is not None and ranks.main:
                 atomic_save(best["weights"], directory / BEST_WEIGHTS)
         else:
             state.bad_epochs += 1
             state.learning_rate *= lr_decay
             if state.bad_epochs >= patience:
                 state.history.stopped_early = state.finished = True
-        if directory is not None:
+        if directory is not None and ranks.main:
             _save_checkpoint(directory / LAST_CHECKPOINT, model, optimizer, state)
+        barrier(ranks)
 
     run_loop(state, epoch_items=epoch_items, update=update, end_epoch=end_epoch,
              stop=lambda: "finished" if state.finished or state.epoch >= epochs else None,

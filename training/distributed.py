@@ -1,0 +1,120 @@
+"""Several processes on torch's own distributed stack: ``torchrun`` starts them, this module joins them.
+
+Under ``torchrun --nproc-per-node N`` every process runs the same command; :func:`init_distributed` reads
+the launcher's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) and joins
+the process group (NCCL on CUDA, gloo on the CPU). Without a launcher it does nothing, and every helper
+below behaves as the one process of a group of one, so the same code runs both ways:
+
+    ranks = init_distributed(device)         # Ranks(rank=0, size=1) without torchrun
+    mine = shard(range(len(chunks)), ranks)  # the chunks this process decodes
+    parts = gather(decoded, ranks)           # every process's results, in rank order
+    if ranks.main:
+        save(parts)
+    barrier(ranks)
+
+The work is always divided by something that does not depend on the number of processes (a chunk's index,
+a prompt's), so a run gives the same numbers under any ``N``, and a run killed under one ``N`` resumes
+under another. Training (:func:`training.lm.train_lm`) splits every batch's rows across the processes and
+synchronises gradients with :class:`~torch.nn.parallel.DistributedDataParallel`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Ranks", "init_distributed", "current_ranks", "shard", "gather", "barrier", "all_sum"]
+
+T = TypeVar("T")
+
+# Processes wait for one another while one of them trains or writes a report: minutes, not seconds.
+WAIT = datetime.timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the group: ``rank`` in ``0 .. size - 1``; ``main`` is rank 0, the one
+    that writes files and reports."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def current_ranks() -> Ranks:
+    """The group this process belongs to (a group of one when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def init_distributed(device: torch.device | str = "cpu") -> Ranks:
+    """Join the process group ``torchrun`` set up (once; later calls return the same ranks).
+
+    ``device``: a CUDA device selects NCCL and this process's GPU (``cuda:LOCAL_RANK``, returned by
+    :func:`local_device`); anything else gloo. Without ``WORLD_SIZE`` > 1 in the environment: a group of one.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current_ranks()
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return Ranks()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
+    return current_ranks()
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """``device`` for this process: a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def shard(items: Sequence[T], ranks: Ranks) -> list[T]:
+    """This process's share of ``items``: every ``size``-th one from position ``rank`` (round robin, so
+    uneven costs spread out)."""
+    return list(items[ranks.rank :: ranks.size])
+
+
+def gather(value: Any, ranks: Ranks) -> list[Any]:
+    """Every process's ``value`` (any picklable object; tensors travel through the host), in rank order,
+    on every process."""
+    if not ranks.distributed:
+        return [value]
+    values: list[Any] = [None] * ranks.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def all_sum(values: Sequence[float], ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:
+    """The sums over processes of each of ``values`` (float64 on ``device``, the backend's device)."""
+    if not ranks.distributed:
+        return [float(v) for v in values]
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait until every process reaches this point (nothing in a group of one)."""
+    if ranks.distributed:
+        dist.barrier()
