@@ -149,6 +149,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, cache_dir: Path, out_d
                         help="train and decode nothing: write the report from the cached results")
 
 
+def one_process_only(script: str) -> None:
+    """Stop at once, with the reason, when ``script`` was started by ``torchrun`` with several processes:
+    it runs in one process for now (each would train the same models and write the same files)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise SystemExit(f"{script}: runs in one process for now, not under torchrun ({processes} processes); "
+                         "under torchrun: benchmarks.nontermination's word models, training.train (MLE, MGS) "
+                         "and training.lm.train_lm")
+
+
 def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
     """Apply ``--threads`` (``parser.error`` below 1; None keeps torch's default)."""
     if threads is None:

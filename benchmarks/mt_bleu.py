@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, cache_root, command_line, run_environment, settings_key, write_json
+from benchmarks.common import (REPO, cache_root, command_line, one_process_only, run_environment, settings_key,
+                               write_json)
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
@@ -414,6 +415,7 @@ def metadata(argv: list[str] | None, settings: Settings, root: Path, splits: dic
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     args = parse_args(argv)
+    one_process_only("python -m benchmarks.mt_bleu")
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     device = resolve_device(args.device)

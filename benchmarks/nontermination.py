@@ -15,10 +15,11 @@
    1,000 for SmolLM2); each cell reports r_L, mean generated length and its ratio to the references',
    seq-rep-4, and for sampled decoders the spread over independent sample sets.
 
-Tiers: ``--quick`` (the README's first command, 48 minutes measured on 2 CPU cores: 10k-word vocabulary,
-two epochs over 1M tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, target at most 3 hours
-there: the full vocabulary and training split, 1,000 test prompts; results set next to the papers'), and
-the default, paper-size settings (40 epochs, every test sentence: days on a CPU). L is never reduced.
+Tiers: ``--quick`` (the README's first command, 39 minutes measured on 2 CPU cores: 10k-word vocabulary,
+two epochs over 1M tokens, 400 test prompts, and the SmolLM2 part), ``--standard`` (word models only, about
+3 hours there, 171 min of compute measured: the full vocabulary and training split, 1,000 test prompts;
+results set next to the papers'), and the default, paper-size settings (40 epochs, every test sentence:
+days on a CPU, see the README's "Running at paper size"). L is never reduced.
 
 Writes ``<out>/nontermination[-standard].md``, ``.json`` and ``.png`` (length distributions and, with
 per-epoch logs, r_L against perplexity; needs matplotlib). Models, fine-tunes (checkpointed) and every
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Non-termination ratio r_L of RNN/LSTM (vanilla/ST/NMST) and SmolLM2 under 12 decoders.",
     )
     tier = parser.add_mutually_exclusive_group()
-    tier.add_argument("--quick", action="store_true", help="10k vocabulary, 2 epochs, 400 prompts, SmolLM2: about 48 min on 2 CPU cores")
+    tier.add_argument("--quick", action="store_true", help="10k vocabulary, 2 epochs, 400 prompts, SmolLM2: about 40 min on 2 CPU cores")
     tier.add_argument("--standard", action="store_true",
                       help="full vocabulary and training split, 1,000 prompts, word models (about 3 h on 2 CPU cores; resumes after a kill)")
     add_data_arguments(parser)

@@ -46,7 +46,7 @@ import torch
 
 from benchmarks import smollm2
 from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
-                               select, set_threads, settings_key, write_json)
+                               one_process_only, select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_cell, load_cell, save_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    one_process_only("python -m benchmarks.smollm2_frontier")
     settings = replace(settings or FrontierSettings(), seed=args.seed)
     set_threads(parser, args.threads)
     if args.list:

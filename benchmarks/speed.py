@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, one_process_only
 from benchmarks.datasets import prompt_batch
 from benchmarks.speed_contenders import (STRATEGIES, WORKLOAD_STRATEGIES, fixed_length_contenders, generated_rows,
                                          generated_stats, normalise, workload_contenders)
@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     args = parse_args(argv)
+    one_process_only("python -m benchmarks.speed")
     notes: list[str] = []
     torch.set_num_threads(args.threads)
     plan = PLANS["quick" if args.quick else "full"]

@@ -169,3 +169,90 @@ def test_benchmark_resumes_across_process_counts_with_the_same_cells(tmp_path: P
     assert {n: cell for n, (_, cell) in after_two.items()} == {n: cell for n, (_, cell) in after_one.items()}
     report = json.loads((tmp_path / "out2" / "nontermination.json").read_text())
     assert len(report["cells"]) == 2 * len(CELL_DECODERS)
+
+
+# ------------------------------------------------------------------------------- train(): MLE and MGS
+MULTI30K = DATA / "multi30k"
+needs_multi30k = pytest.mark.skipif(not (MULTI30K / "train.de").is_file(), reason="Multi30k not found")
+
+
+def _seq2seq_run(step_name: str, checkpoint_dir: str | None, updates: int) -> dict[str, torch.Tensor]:
+    from training.loop import LoopConfig, train
+    from training.mgs import MGSConfig, MGSStep
+    from training.parallel_text import encode_parallel, read_parallel
+    from training.seq2seq import Seq2SeqSize, build_seq2seq
+    from training.steps import MLEStep
+    from training.task import Seq2SeqTask
+    from training.tokenizer import train_tokenizer
+
+    text = read_parallel(MULTI30K / "train.de", MULTI30K / "train.en").head(48)
+    tokenizer = train_tokenizer(list(text.sources + text.targets), vocab_size=150)
+    data = encode_parallel(text, tokenizer, max_length=40)  # targets of different lengths
+    model = build_seq2seq(tokenizer, Seq2SeqSize(d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0), seed=0)
+    task = Seq2SeqTask(tokenizer, cost="repetition", max_length_factor=1.0)  # varies with the weights
+    step = MLEStep(task) if step_name == "mle" else MGSStep(task, MGSConfig(num_candidates=3, sigma=30.0, alpha=20.0))
+    config = LoopConfig(batch_size=8, max_updates=updates, checkpoint_every=1, progress=False, seed=1)
+    train(model, step, data, torch.optim.SGD(model.parameters(), lr=0.5), config=config,  # SGD: no Adam normalising
+          checkpoint_dir=checkpoint_dir)  # fmt: skip
+    return model.state_dict()
+
+
+def _seq2seq_in_process(rank: int, step_name: str, checkpoint_dir: str | None, updates: int, out: str) -> None:
+    state = _seq2seq_run(step_name, checkpoint_dir, updates)
+    if rank == 0:
+        torch.save(state, out)
+
+
+@needs_multi30k
+@pytest.mark.parametrize("step_name", ["mle", "mgs"])
+def test_train_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path: Path, step_name: str) -> None:
+    alone = _seq2seq_run(step_name, None, 4)
+    run_in_processes(_seq2seq_in_process, 2, step_name, str(tmp_path / "ckpt"), 2, str(tmp_path / "half.pt"))
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    assert state["result"]["updates"] == 2
+    state["result"]["stop_reason"] = None  # as the periodic checkpoint of a run killed after update 2
+    torch.save(state, tmp_path / "ckpt" / "state.pt")
+    _seq2seq_run(step_name, str(tmp_path / "ckpt"), 4)  # one process resumes the two-process run
+    resumed = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)
+    assert resumed["result"]["updates"] == 4
+    _assert_same_weights(resumed["model"], alone)
+
+
+def _mre_in_process(rank: int) -> None:
+    from training.loop import LoopConfig, train
+    from training.steps import MRTStep
+
+    with pytest.raises(ValueError, match="MRTStep does not run under torchrun"):
+        train(torch.nn.Linear(2, 2), MRTStep.__new__(MRTStep), None, None,  # type: ignore[arg-type]
+              config=LoopConfig(max_updates=1))  # fmt: skip
+
+
+def test_steps_without_distributed_support_are_refused_under_torchrun() -> None:
+    run_in_processes(_mre_in_process, 2)
+
+
+def _toy_mgs(rank: int | None, size: int, out: str | None) -> dict[str, torch.Tensor]:
+    """MGS updates on test_mgs's exact-match toy: the whole batch (rank None) or this process's half."""
+    from training.mgs import MGSConfig, MGSStep
+
+    from .test_mgs import ExactMatchTask, ToyBatch, toy_problem
+
+    model, batch, generator = toy_problem(0)
+    if rank is not None:
+        rows = torch.arange(len(batch)).tensor_split(size)[rank]
+        batch = ToyBatch(batch.inputs[rows], batch.targets[rows])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    step = MGSStep(ExactMatchTask(), MGSConfig(num_candidates=4))
+    costs = [step(model, batch, optimizer, generator=generator)["cost_before"] for _ in range(12)]
+    if out is not None and rank == 0:
+        torch.save({"state": model.state_dict(), "costs": costs}, out)
+    return {"state": model.state_dict(), "costs": costs}
+
+
+def test_mgs_step_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    alone = _toy_mgs(None, 1, None)
+    assert len(set(alone["costs"])) > 2  # the costs move, so averaging them over processes matters
+    run_in_processes(_toy_mgs, 2, 2, str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt")
+    assert two["costs"] == pytest.approx(alone["costs"])
+    _assert_same_weights(two["state"], alone["state"])

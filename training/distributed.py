@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "init_distributed", "current_ranks", "shard", "gather", "barrier", "all_sum"]
+__all__ = ["Ranks", "init_distributed", "current_ranks", "local_device", "shard", "gather", "barrier", "all_sum",
+           "backend_device", "global_mean", "counts_of_all", "share_weight", "average_gradients"]
 
 T = TypeVar("T")
 
@@ -112,6 +113,53 @@ def all_sum(values: Sequence[float], ranks: Ranks, *, device: torch.device | str
     total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def backend_device(device: torch.device | str) -> torch.device:
+    """Where collective operations take their tensors: the GPU under NCCL, the host under gloo."""
+    device = torch.device(device)
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def global_mean(mean: float, count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> float:
+    """The mean over all processes' items of per-process means ``mean`` over ``count`` items each."""
+    if not ranks.distributed:
+        return float(mean)
+    total, items = all_sum([float(mean) * float(count), float(count)], ranks, device=device)
+    return total / items if items > 0 else float("nan")
+
+
+def counts_of_all(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:
+    """Every process's ``count`` (e.g. its labelled tokens), in rank order, on every process."""
+    counts = [0.0] * ranks.size
+    counts[ranks.rank] = float(count)
+    return all_sum(counts, ranks, device=device)
+
+
+def share_weight(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> float:
+    """``size * count / total``: what this process's mean loss is multiplied by so that averaging the
+    gradients over the processes gives the gradient of the mean over all of them (1 in a group of one)."""
+    if not ranks.distributed:
+        return 1.0
+    total = sum(counts_of_all(count, ranks, device=device))
+    return ranks.size * float(count) / total if total > 0 else 0.0
+
+
+def average_gradients(parameters: Sequence[torch.Tensor], ranks: Ranks) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the processes (one all-reduce for all of them);
+    nothing in a group of one. Every process must hold gradients for the same parameters."""
+    if not ranks.distributed:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= ranks.size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def barrier(ranks: Ranks) -> None:

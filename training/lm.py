@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from decoding.metrics import perplexity
 
 from .checkpoint import atomic_save
-from .distributed import Ranks, all_sum, barrier, current_ranks
+from .distributed import Ranks, all_sum, backend_device, barrier, counts_of_all, current_ranks
 from .loop import LoopPosition, Progress, autocast, gradient_step, run_loop
 from .padding import pad_rows
 
@@ -156,16 +156,11 @@ def evaluate_perplexity(
         total_nll += float(_loss(model, batch, device, loss_fn, autocast_dtype)) * count
         total_tokens += count
     model.train(was_training)
-    total_nll, tokens = all_sum([total_nll, total_tokens], ranks, device=_backend_device(device))
+    total_nll, tokens = all_sum([total_nll, total_tokens], ranks, device=backend_device(device))
     total_tokens = round(tokens)
     if total_tokens == 0:
         raise ValueError("batches hold no labelled token to evaluate")
     return perplexity(total_nll, total_tokens)
-
-
-def _backend_device(device: torch.device) -> torch.device:
-    """Where collective operations take their tensors: the GPU under NCCL, the host under gloo."""
-    return device if device.type == "cuda" else torch.device("cpu")
 
 
 class _BatchLoss(torch.nn.Module):
@@ -199,9 +194,8 @@ class _Replicas:
         """This process's rows of ``batch``, and every process's count of labelled tokens."""
         rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.ranks.size)[self.ranks.rank]
         part = {name: batch[name][rows] for name in ("input_ids", "attention_mask", "labels")}
-        counts = [0.0] * self.ranks.size
-        counts[self.ranks.rank] = float(_predicted_tokens(part["labels"], encoder_decoder=self.encoder_decoder))
-        return part, all_sum(counts, self.ranks, device=_backend_device(self.device))
+        count = _predicted_tokens(part["labels"], encoder_decoder=self.encoder_decoder)
+        return part, counts_of_all(count, self.ranks, device=backend_device(self.device))
 
     def loss(self, part: Batch, counts: list[float], autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to back-propagate, this process's mean NLL)."""
@@ -381,14 +375,14 @@ def train_lm(
                 return None
             count = counts[ranks.rank]
             loss, mean = replicas.loss(part, counts, autocast_dtype)
-        gradient_step(loss, optimizer, parameters=model.parameters(), clip=clip)
+        gradient_step(loss, optimizer, parameters=model.parameters(), clip=clip, synchronise=replicas is None)
         epoch_nll["nll"] += float(mean.detach()) * count
         epoch_nll["tokens"] += count
         return {"loss": epoch_nll["nll"] / epoch_nll["tokens"]}
 
     def end_epoch() -> None:
         """Validate the epoch's weights, keep the best, decay the learning rate, checkpoint."""
-        nll, tokens = all_sum([epoch_nll["nll"], epoch_nll["tokens"]], ranks, device=_backend_device(device))
+        nll, tokens = all_sum([epoch_nll["nll"], epoch_nll["tokens"]], ranks, device=backend_device(device))
         train_loss = nll / max(tokens, 1)
         valid_perplexity = evaluate_perplexity(
             model, valid_batches, progress=progress, loss_fn=loss_fn, autocast_dtype=autocast_dtype

@@ -19,6 +19,11 @@ improvement or when a ``stop_rule`` (e.g. :class:`training.plateau.PlateauRule`)
 curve has plateaued, and writes an atomic checkpoint that a later call resumes from exactly: same batches,
 same random streams, same optimiser and step state.
 
+Under ``torchrun`` (:mod:`training.distributed`) every process runs :func:`train` with the same arguments
+and takes its share of each batch's rows; steps that support it (``runs_distributed``: MLE and MGS) make
+the update a single process makes on the whole batch, every process validates, rank 0 writes the files,
+and a checkpoint resumes under any number of processes. A batch with fewer rows than processes is skipped.
+
 Files in ``checkpoint_dir``: ``state.pt`` (everything needed to resume) and ``best.pt`` (the best
 weights so far, by validation score).
 """
@@ -36,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, model_signature
-from .parallel_text import EncodedParallel, epoch_batches, make_batch
+from .distributed import average_gradients, barrier, current_ranks
+from .parallel_text import Batch, EncodedParallel, epoch_batches, make_batch
 
 if TYPE_CHECKING:
     from .steps import UpdateStep
@@ -146,11 +152,18 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstract
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, parameters: Iterable[torch.Tensor],
-                  clip: float | None) -> float | None:
+                  clip: float | None, synchronise: bool = True) -> float | None:
     """Zero the gradients, back-propagate ``loss``, clip the gradient norm of ``parameters`` to ``clip``
-    (None: no clipping) and step ``optimizer``; returns the norm before clipping (None without clipping)."""
+    (None: no clipping) and step ``optimizer``; returns the norm before clipping (None without clipping).
+
+    Under ``torchrun`` the gradients are averaged over the processes before clipping (``synchronise=False``:
+    they already are, e.g. by DistributedDataParallel): weight each process's loss with
+    :func:`training.distributed.share_weight` for the mean over all processes' examples."""
+    parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if synchronise:
+        average_gradients(parameters, current_ranks())
     norm = None if clip is None else float(torch.nn.utils.clip_grad_norm_(parameters, clip))
     optimizer.step()
     return norm
@@ -287,7 +300,7 @@ class _Validator:
                                "train_cpu_seconds": result.train_cpu_seconds, "score": score, **means})
         if result.best_score is None or score > result.best_score:
             result.best_score, result.best_update, result.bad_validations = score, result.updates, 0
-            if self.dir is not None:
+            if self.dir is not None and current_ranks().main:
                 atomic_save({"signature": model_signature(self.model), "model": self.model.state_dict(),
                              "update": result.updates, "score": score}, self.dir / "best.pt")
         else:
@@ -312,6 +325,10 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
     if start_score is not None and (validate is None or not config.validate_at_start):
         raise ValueError("start_score is the first point of the validation curve: it needs validate and "
                          "config.validate_at_start=True")
+    ranks = current_ranks()
+    if ranks.distributed and not getattr(step, "runs_distributed", False):
+        raise ValueError(f"step: {type(step).__name__} does not run under torchrun yet (MLEStep and MGSStep do); "
+                         "run it in one process")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None
     generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
@@ -322,8 +339,13 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
         return result
     validator = _Validator(model, validate, config, directory)
     validator.last_seconds = result.train_seconds
-    save = None if state_path is None else (
-        lambda: _save_state(state_path, model, optimizer, scheduler, step, generator, result))
+
+    def save() -> None:
+        if ranks.main:  # every process holds the same state; one writes it
+            _save_state(state_path, model, optimizer, scheduler, step, generator, result)
+        barrier(ranks)
+
+    save = None if state_path is None else save
     if config.validate_at_start and validate is not None and result.updates == 0 and not result.history:
         validator.run(result, known_score=start_score)
     result.stop_reason = _run_epochs(model, step, data, optimizer, scheduler, config, generator, result,
@@ -339,8 +361,22 @@ def _run_epochs(model, step, data, optimizer, scheduler, config: LoopConfig, gen
                 validator: _Validator, save: Callable[[], None] | None, stop_rule: StopRule | None) -> str:
     """:func:`run_loop` over ``data``'s shuffled epochs with ``step``; returns why it stopped."""
     device = next(model.parameters()).device
+    ranks = current_ranks()
 
-    def update(batch) -> dict[str, float]:
+    def prepare(indices: list[int]) -> Batch | None:
+        """The batch, or under torchrun this process's share of its rows (None: fewer rows than processes,
+        a batch every process skips)."""
+        batch = make_batch(data, indices)
+        if ranks.distributed:
+            if len(batch) < ranks.size:
+                return None
+            share = torch.arange(len(batch)).tensor_split(ranks.size)[ranks.rank]
+            batch = batch.rows(int(share[0]), int(share[-1]) + 1)
+        return batch.to(device)
+
+    def update(batch: Batch | None) -> dict[str, float] | None:
+        if batch is None:
+            return None
         with autocast(device.type, config.autocast_dtype):
             logs = step(model, batch, optimizer, generator=generator)
         if scheduler is not None:
@@ -365,7 +401,7 @@ def _run_epochs(model, step, data, optimizer, scheduler, config: LoopConfig, gen
     return run_loop(
         result, epoch_items=lambda epoch: epoch_batches(data, batch_size=config.batch_size, epoch=epoch,
                                                          seed=config.seed),
-        prepare=lambda indices: make_batch(data, indices).to(device), update=update, after_update=after_update,
+        prepare=prepare, update=update, after_update=after_update,
         stop=lambda: _budget_spent(config, result),
         progress=Progress(type(step).__name__, total=config.max_updates, enabled=config.progress,
                           postfix=lambda logs: {k: f"{v:.3g}" for k, v in list(logs.items())[:3]}),

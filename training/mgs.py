@@ -17,6 +17,10 @@ One update:
    MLE gradient), then clipped and stepped.
 
 Cost: ``K + 1`` batched decodes and one MLE forward/backward per update.
+
+Under ``torchrun`` each process decodes and scores its share of the minibatch: the MLE gradient (step 2)
+and the costs (steps 1 and 4) are averaged over all processes, so every process draws the same candidates
+from the same seed and applies the same update - the one a single process makes on the whole minibatch.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
+from .distributed import average_gradients, backend_device, current_ranks, global_mean, share_weight
 from .parallel_text import Batch
+from .steps import loss_weight
 from .task import SequenceTask
 
 __all__ = ["MGSConfig", "mle_direction", "sample_candidates", "candidate_costs", "log_proposal_density",
-           "importance_log_weights", "combine", "MGSStep"]
+           "importance_log_weights", "combine", "mean_cost", "MGSStep"]
 
 Params = dict[str, torch.Tensor]
 
@@ -100,12 +106,26 @@ def mle_direction(model: torch.nn.Module, task: SequenceTask, batch: Batch, *, c
     params = trainable_parameters(model)
     model.zero_grad(set_to_none=True)
     loss = task.mle_loss(model, batch)
-    loss.backward()
+    ranks, device = current_ranks(), backend_device(next(iter(params.values())).device)
+    weight = loss_weight(task, batch) if ranks.distributed else 1.0
+    share = share_weight(weight, ranks, device=device)  # under torchrun: the gradient of the whole batch's mean
+    (loss if share == 1.0 else loss * share).backward()
+    average_gradients(list(params.values()), ranks)
     torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
     direction = {name: -(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                  for name, p in params.items()}
     model.zero_grad(set_to_none=True)
-    return direction, float(loss.detach())
+    return direction, global_mean(float(loss.detach()), weight, ranks, device=device)
+
+
+def mean_cost(per_sequence: torch.Tensor) -> torch.Tensor:
+    """The mean of per-sequence costs; under ``torchrun``, over every process's sequences."""
+    mean = per_sequence.float().mean()
+    ranks = current_ranks()
+    if not ranks.distributed:
+        return mean
+    value = global_mean(float(mean), per_sequence.numel(), ranks, device=backend_device(per_sequence.device))
+    return torch.tensor(value, dtype=mean.dtype, device=mean.device)
 
 
 def noise_scales(direction: Params, sigma: float) -> dict[str, float]:
@@ -164,7 +184,7 @@ def candidate_costs(model: torch.nn.Module, task: SequenceTask, batch: Batch, ca
             params = {f"model.{name}": base[name] + delta for name, delta in candidate.items()}
             draw = _fork(generator) if common_noise else generator
             per_sequence = functional_call(runner, params, (batch, draw), strict=False)
-            costs.append(per_sequence.float().mean())
+            costs.append(mean_cost(per_sequence))
     return torch.stack(costs)
 
 
@@ -229,6 +249,8 @@ class MGSStep:
     MLE-centred candidates), ``cosine_mle`` (cosine between Δ* and g), ``ess`` (1 / Σ w_k²), ``mle_loss``.
     """
 
+    runs_distributed = True  # under torchrun: shares of the batch, gradients and costs over all processes
+
     def __init__(self, task: SequenceTask, config: MGSConfig = MGSConfig(), *, measure_after: bool = False
                  ) -> None:
         self.task = task
@@ -239,7 +261,7 @@ class MGSStep:
                  generator: torch.Generator | None = None) -> dict[str, float]:
         config = self.config
         snapshot = _fork(generator) if config.common_noise else generator
-        cost_before = self.task.decode_costs(model, batch, generator=_fork(snapshot)).float().mean()
+        cost_before = mean_cost(self.task.decode_costs(model, batch, generator=_fork(snapshot)))
         model.train()
         direction, loss = mle_direction(model, self.task, batch, clip=config.grad_clip)
         candidates = sample_candidates(direction, config, generator=generator)
@@ -259,7 +281,7 @@ class MGSStep:
             "mle_loss": loss,
         }
         if self.measure_after:
-            logs["cost_after"] = float(self.task.decode_costs(model, batch, generator=_fork(snapshot)).mean())
+            logs["cost_after"] = float(mean_cost(self.task.decode_costs(model, batch, generator=_fork(snapshot))))
         return logs
 
     def _apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, delta: Params,

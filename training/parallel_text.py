@@ -104,6 +104,8 @@ class Batch:
         target_ids: ``[B, T]`` right-padded target tokens, each row ending with eos.
         target_mask: ``[B, T]`` 1 on real tokens (eos included).
         references: the ``B`` raw target sentences.
+        whole_longest_target: on a share of a batch (:meth:`rows`), the longest target of the whole batch,
+            which caps decoding as it would for the whole batch; None on a whole batch.
     """
 
     source_ids: torch.LongTensor
@@ -111,13 +113,26 @@ class Batch:
     target_ids: torch.LongTensor
     target_mask: torch.LongTensor
     references: tuple[str, ...]
+    whole_longest_target: int | None = None
 
     def __len__(self) -> int:
         return self.source_ids.shape[0]
 
+    @property
+    def longest_target(self) -> int:
+        """Tokens of the longest target (eos included) of the whole batch this one is or is part of."""
+        if self.whole_longest_target is not None:
+            return self.whole_longest_target
+        return int(self.target_mask.sum(1).max())
+
+    def rows(self, first: int, stop: int) -> "Batch":
+        """Rows ``first .. stop - 1``, padded as in the whole batch (one process's share under torchrun)."""
+        return Batch(self.source_ids[first:stop], self.source_mask[first:stop], self.target_ids[first:stop],
+                     self.target_mask[first:stop], self.references[first:stop], self.longest_target)
+
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.source_ids.to(device), self.source_mask.to(device), self.target_ids.to(device),
-                     self.target_mask.to(device), self.references)
+                     self.target_mask.to(device), self.references, self.whole_longest_target)
 
 
 def make_batch(data: EncodedParallel, indices: Sequence[int], *, left_pad_source: bool = False) -> Batch:

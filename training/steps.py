@@ -11,12 +11,13 @@ from typing import Any, Protocol
 
 import torch
 
+from .distributed import backend_device, current_ranks, global_mean, share_weight
 from .parallel_text import Batch
 from .loop import gradient_step
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
 from .task import Seq2SeqTask, SequenceTask
 
-__all__ = ["UpdateStep", "MLEStep", "MRTStep", "PGStep"]
+__all__ = ["UpdateStep", "MLEStep", "MRTStep", "PGStep", "loss_weight"]
 
 
 class UpdateStep(Protocol):
@@ -38,8 +39,25 @@ def _backward_and_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: to
     return norm
 
 
+def loss_weight(task: SequenceTask, batch: Batch) -> float:
+    """What ``task.mle_loss`` averages over in ``batch``: ``task.loss_weight(batch)`` (e.g. target tokens)
+    when the task says, else its rows."""
+    weight = getattr(task, "loss_weight", None)
+    if weight is not None:
+        return float(weight(batch))
+    if not hasattr(batch, "__len__"):
+        raise TypeError(f"under torchrun {type(task).__name__} needs a loss_weight(batch) method: "
+                        f"{type(batch).__name__} has no rows to count")
+    return float(len(batch))
+
+
 class MLEStep:
-    """One MLE update: token cross-entropy (with the task's label smoothing), clip, step."""
+    """One MLE update: token cross-entropy (with the task's label smoothing), clip, step.
+
+    Under ``torchrun`` each process takes its share of the batch; the update is the one-process update on
+    the whole batch (each share's loss weighted by its tokens, gradients averaged)."""
+
+    runs_distributed = True
 
     def __init__(self, task: SequenceTask, *, clip: float = 1.0) -> None:
         self.task = task
@@ -50,8 +68,11 @@ class MLEStep:
         del generator
         model.train()
         loss = self.task.mle_loss(model, batch)
-        norm = _backward_and_step(model, loss, optimizer, self.clip)
-        return {"mle_loss": float(loss.detach()), "grad_norm": norm}
+        ranks, device = current_ranks(), backend_device(next(model.parameters()).device)
+        weight = loss_weight(self.task, batch) if ranks.distributed else 1.0
+        share = share_weight(weight, ranks, device=device)
+        norm = _backward_and_step(model, loss if share == 1.0 else loss * share, optimizer, self.clip)
+        return {"mle_loss": global_mean(float(loss.detach()), weight, ranks, device=device), "grad_norm": norm}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -65,8 +65,12 @@ class Seq2SeqTask:
         return mle_loss(model, batch.source_ids, batch.source_mask, batch.target_ids, batch.target_mask,
                         label_smoothing=self.label_smoothing)
 
+    def loss_weight(self, batch: Batch) -> int:
+        """What :meth:`mle_loss` averages over: the target tokens (eos included)."""
+        return int(batch.target_mask.sum())
+
     def max_new_tokens(self, batch: Batch) -> int:
-        return max(1, math.ceil(self.max_length_factor * int(batch.target_mask.sum(1).max())))
+        return max(1, math.ceil(self.max_length_factor * batch.longest_target))
 
     def decode(self, model: torch.nn.Module, batch: Batch, *, strategy: str, num_return_sequences: int = 1,
                generator: torch.Generator | None = None) -> Decoded:
