@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from training.checkpoint import atomic_write_bytes, atomic_write_text
+from training.distributed import current_ranks
 
 __all__ = [
     "CACHE_ENV",
@@ -194,8 +195,6 @@ def format_epsilon(epsilon: float) -> str:
 
 def say(message: str) -> None:
     """A progress line on stderr (the reports go to files); under ``torchrun``, from rank 0 only."""
-    from training.distributed import current_ranks
-
     if current_ranks().main:
         print(message, file=sys.stderr, flush=True)
 

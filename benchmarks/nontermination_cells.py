@@ -26,7 +26,7 @@ from decoding.generate import generate
 from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
 from training.checkpoint import atomic_write_text
 from training.decode import eos_lengths
-from training.distributed import Ranks, current_ranks, gather, shard
+from training.distributed import Ranks, current_ranks, gather, row_range, shard
 
 __all__ = [
     "DecoderSpec",
@@ -232,9 +232,8 @@ def cell_units(prompts: int, *, sampled: bool, batch_size: int, ranks: Ranks) ->
     """
     if sampled:
         return shard([(first, min(first + batch_size, prompts)) for first in range(0, prompts, batch_size)], ranks)
-    share = -(-prompts // ranks.size)
-    first = min(ranks.rank * share, prompts)
-    return [(first, min(first + share, prompts))] if first < prompts else []
+    first, stop = row_range(prompts, ranks)
+    return [(first, stop)] if first < stop else []
 
 
 def decode_cell(

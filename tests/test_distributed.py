@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.nontermination_cells import DECODERS, cell_units, decode_cell
 from decoding.models import lstm_lm
-from training.distributed import Ranks, all_sum, current_ranks, gather, shard
+from training.distributed import Ranks, all_sum, current_ranks, gather, row_range, shard
 from training.lm import collate_lm_batch, train_lm
 
 from .processes import run_in_processes
@@ -31,6 +31,15 @@ def test_a_group_of_one_without_torchrun() -> None:
     assert gather({"a": 1}, ranks) == [{"a": 1}]
     assert all_sum([1.5, 2], ranks) == [1.5, 2.0]
     assert shard(list(range(7)), Ranks(1, 3)) == [1, 4]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 7, 9])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_row_range_is_torch_tensor_split(rows: int, size: int) -> None:
+    blocks = torch.arange(rows).tensor_split(size)
+    for rank in range(size):
+        first, stop = row_range(rows, Ranks(rank, size))
+        assert list(range(first, stop)) == blocks[rank].tolist()
 
 
 @pytest.mark.parametrize("sampled", [False, True])

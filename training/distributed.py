@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ranks", "init_distributed", "current_ranks", "local_device", "shard", "gather", "barrier", "all_sum",
-           "backend_device", "global_mean", "counts_of_all", "share_weight", "average_gradients"]
+           "backend_device", "global_mean", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
+           "average_gradients"]
 
 T = TypeVar("T")
 
@@ -136,13 +137,27 @@ def counts_of_all(count: float, ranks: Ranks, *, device: torch.device | str = "c
     return all_sum(counts, ranks, device=device)
 
 
+def weight_of_counts(counts: Sequence[float], ranks: Ranks) -> float:
+    """``size * own count / total`` from every process's count (:func:`counts_of_all`): what this process's
+    mean loss is multiplied by so that averaging the gradients over the processes gives the gradient of the
+    mean over all of them."""
+    total = sum(counts)
+    return ranks.size * float(counts[ranks.rank]) / total if total > 0 else 0.0
+
+
 def share_weight(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> float:
-    """``size * count / total``: what this process's mean loss is multiplied by so that averaging the
-    gradients over the processes gives the gradient of the mean over all of them (1 in a group of one)."""
+    """:func:`weight_of_counts` for this process's ``count`` (1 in a group of one)."""
     if not ranks.distributed:
         return 1.0
-    total = sum(counts_of_all(count, ranks, device=device))
-    return ranks.size * float(count) / total if total > 0 else 0.0
+    return weight_of_counts(counts_of_all(count, ranks, device=device), ranks)
+
+
+def row_range(rows: int, ranks: Ranks) -> tuple[int, int]:
+    """``(first, stop)``: this process's contiguous block of ``rows`` rows (``torch.tensor_split``'s sizes:
+    the first ``rows % size`` blocks one row longer; empty when there are fewer rows than processes)."""
+    base, extra = divmod(rows, ranks.size)
+    first = ranks.rank * base + min(ranks.rank, extra)
+    return first, first + base + (ranks.rank < extra)
 
 
 def average_gradients(parameters: Sequence[torch.Tensor], ranks: Ranks) -> None:

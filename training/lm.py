@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from decoding.metrics import perplexity
 
 from .checkpoint import atomic_save
-from .distributed import Ranks, all_sum, backend_device, barrier, counts_of_all, current_ranks
+from .distributed import (Ranks, all_sum, backend_device, barrier, counts_of_all, current_ranks, row_range,
+                          weight_of_counts)
 from .loop import LoopPosition, Progress, autocast, gradient_step, run_loop
 from .padding import pad_rows
 
@@ -192,8 +193,8 @@ class _Replicas:
 
     def share(self, batch: Batch) -> tuple[Batch, list[float]]:
         """This process's rows of ``batch``, and every process's count of labelled tokens."""
-        rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(self.ranks.size)[self.ranks.rank]
-        part = {name: batch[name][rows] for name in ("input_ids", "attention_mask", "labels")}
+        first, stop = row_range(batch["input_ids"].shape[0], self.ranks)
+        part = {name: batch[name][first:stop] for name in ("input_ids", "attention_mask", "labels")}
         count = _predicted_tokens(part["labels"], encoder_decoder=self.encoder_decoder)
         return part, counts_of_all(count, self.ranks, device=backend_device(self.device))
 
@@ -202,8 +203,7 @@ class _Replicas:
         on_device = {name: value.to(self.device) for name, value in part.items()}
         with autocast(self.device.type, autocast_dtype):
             mean = self.wrapped(on_device)
-        # DDP averages gradients over the `size` processes: weight by size * (own tokens / all tokens)
-        return mean * (self.ranks.size * counts[self.ranks.rank] / sum(counts)), mean
+        return mean * weight_of_counts(counts, self.ranks), mean  # DDP averages gradients over the processes
 
 
 def _epoch_metrics(

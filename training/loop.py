@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, model_signature
-from .distributed import average_gradients, barrier, current_ranks
+from .distributed import average_gradients, barrier, current_ranks, row_range
 from .parallel_text import Batch, EncodedParallel, epoch_batches, make_batch
 
 if TYPE_CHECKING:
@@ -370,8 +370,7 @@ def _run_epochs(model, step, data, optimizer, scheduler, config: LoopConfig, gen
         if ranks.distributed:
             if len(batch) < ranks.size:
                 return None
-            share = torch.arange(len(batch)).tensor_split(ranks.size)[ranks.rank]
-            batch = batch.rows(int(share[0]), int(share[-1]) + 1)
+            batch = batch.rows(*row_range(len(batch), ranks))
         return batch.to(device)
 
     def update(batch: Batch | None) -> dict[str, float] | None:
