@@ -226,6 +226,7 @@ def generate(
     inputs_embeds: torch.Tensor | None = None,
     cache: Any = None,
     past_key_values: Any = None,
+    prompt_share: tuple[int, int] | None = None,
     **kwargs: Any,
 ) -> torch.LongTensor | GenerateOutput:
     """Generate continuations, with ``model.generate``'s options, meanings and output layout.
@@ -283,6 +284,10 @@ def generate(
         cache: a transformers cache holding the first columns of every row (``past_key_values``, the older
             name, is accepted too): e.g. an earlier output's ``cache`` with ``input_ids`` that output's
             sequences plus new tokens, to continue a conversation.
+        prompt_share: ``(first_prompt, total_prompts)``: these prompts are prompts ``first_prompt ..`` of a
+            sampled call over ``total_prompts`` prompts, and every row draws the random numbers it would draw
+            in that whole call with the same ``generator``; so a sampled batch split across processes (one
+            share each) gives exactly the samples of one call on the whole batch. Sampling only.
         **kwargs: transformers' generation options (see ``decoding.options.SUPPORTED_OPTIONS``).
 
     Returns:
@@ -314,10 +319,12 @@ def generate(
                        eos_token_ids=options.eos_token_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                        inputs_embeds=inputs_embeds, cache=cache if cache is not None else past_key_values)
     capacity = _check_max_batch_size(max_batch_size, options.rows_per_prompt, prompts.count)
+    draws = _shared_draws(prompt_share, options, prompts=prompts.count, device=prompts.input_ids.device)
     sink = _stream_sink(streamer, stream, options, n_rows=prompts.count * options.num_return_sequences,
                         limited=capacity is not None)
     try:
-        return _decode(step_model, prompts, options=options, capacity=capacity, sink=sink, progress=progress)
+        return _decode(step_model, prompts, options=options, capacity=capacity, sink=sink, progress=progress,
+                       draws=draws)
     finally:
         if sink is not None:
             sink.end()
@@ -386,8 +393,10 @@ def _stream_sink(streamer: Any, stream: Any, options: DecodeOptions, *, n_rows: 
 
 
 def _decode(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOptions, capacity: int | None,
-            sink: StreamSink | None, progress: bool) -> torch.LongTensor | GenerateOutput:
-    """Prefill and search, in one batch or in chunks of ``capacity`` rows (refilled where possible)."""
+            sink: StreamSink | None, progress: bool,
+            draws: Uniforms | PromptNoise | None = None) -> torch.LongTensor | GenerateOutput:
+    """Prefill and search, in one batch or in chunks of ``capacity`` rows (refilled where possible), with the
+    random numbers ``draws`` (those of these prompts alone when None)."""
     everything = slice(None)
     batch_wide = bool(prompts.processors(options, everything, in_place=False))
     refilling = (capacity is not None and step_model.can_merge
@@ -395,7 +404,7 @@ def _decode(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOpti
     step_model = _for_decoding(step_model, options, refilling=refilling)
     if capacity is not None:
         results = _decode_in_chunks(step_model, prompts, options=options, capacity=capacity, refilling=refilling,
-                                    sink=sink, progress=progress)
+                                    sink=sink, progress=progress, draws=draws)
         return _shape_output(_concat_results(results, options), options, step_model,
                              is_encoder_decoder=prompts.is_encoder_decoder)
     logits, state, prefix = prompts.prefill(step_model, everything)
@@ -403,16 +412,18 @@ def _decode(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOpti
         sink.prompt(prefix.repeat_interleave(options.num_return_sequences, dim=0))
     processors = prompts.processors(options, everything, in_place=step_model.fresh_logits)
     return decode_prefilled(step_model, logits, state, prefix, options=options, processors=processors,
-                            progress=progress, stream=sink)
+                            progress=progress, stream=sink, draws=draws)
 
 
 def _decode_in_chunks(step_model: StepModelBase, prompts: _Prompts, *, options: DecodeOptions, capacity: int,
-                      refilling: bool, sink: StreamSink | None, progress: bool) -> list[SearchResult]:
+                      refilling: bool, sink: StreamSink | None, progress: bool,
+                      draws: Uniforms | PromptNoise | None) -> list[SearchResult]:
     """The prompts in chunks of ``capacity`` rows: the first chunk refilled with the rest as rows finish, or
     (when the step model cannot merge this state, or the call cannot refill) chunk after chunk."""
     per_prompt = options.rows_per_prompt
     chunk, search = capacity // per_prompt, beam_search if options.is_beam_search else sample_search
-    draws = _random_draws(options, prompts=prompts.count, device=prompts.input_ids.device)
+    if draws is None:
+        draws = _random_draws(options, prompts=prompts.count, device=prompts.input_ids.device)
     results = []
     for start in range(0, prompts.count, chunk):
         rows = slice(start, start + chunk)
@@ -440,6 +451,25 @@ def _random_draws(options: DecodeOptions, *, prompts: int, device: torch.device)
     if options.is_beam_search:
         return PromptNoise(prompts, generator=options.generator, device=device)
     return Uniforms(prompts * options.num_return_sequences, generator=options.generator, device=device)
+
+
+def _shared_draws(prompt_share: Any, options: DecodeOptions, *, prompts: int,
+                  device: torch.device) -> Uniforms | PromptNoise | None:
+    """The random numbers of ``prompts`` prompts that are prompts ``first ..`` of a call over ``total``
+    (``prompt_share = (first, total)``), checked; None without a share."""
+    if prompt_share is None:
+        return None
+    if (not isinstance(prompt_share, (tuple, list)) or len(prompt_share) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in prompt_share)):
+        raise TypeError(f"prompt_share must be a pair of integers (first_prompt, total_prompts), got {prompt_share!r}")
+    first, total = prompt_share
+    if not 0 <= first <= total - prompts:
+        raise ValueError(f"prompt_share=({first}, {total}): the {prompts} prompts given must lie inside the "
+                         f"whole call, 0 <= first_prompt <= total_prompts - {prompts}")
+    if not options.do_sample:
+        raise ValueError("prompt_share keys the random numbers of sampling; without do_sample=True nothing is "
+                         "random (leave prompt_share unset)")
+    return _chunk_view(_random_draws(options, prompts=total, device=device), first, options.rows_per_prompt)
 
 
 def _chunk_view(draws: Uniforms | PromptNoise | None, first_prompt: int,
@@ -501,13 +531,14 @@ def _concat_results(results: Sequence[SearchResult], options: DecodeOptions) -> 
 
 def decode_prefilled(step_model: StepModelBase, logits: torch.Tensor, state: Any, prefix: torch.LongTensor, *,
                      options: DecodeOptions, processors: Sequence[Processor], progress: bool = False,
-                     stream: StreamSink | None = None) -> torch.LongTensor | GenerateOutput:
+                     stream: StreamSink | None = None,
+                     draws: Uniforms | PromptNoise | None = None) -> torch.LongTensor | GenerateOutput:
     """Run the search the options ask for from a prefilled state and shape the result as ``generate``
     returns it (the sequences, or the output class with ``return_dict_in_generate``)."""
     step_model = declared(step_model)
     search = beam_search if options.is_beam_search else sample_search
     result = search(step_model, logits, state, prefix, options=options, processors=processors, progress=progress,
-                    stream=stream)
+                    stream=stream, draws=draws)
     return _shape_output(result, options, step_model, is_encoder_decoder=step_model.is_encoder_decoder)
 
 

@@ -180,7 +180,7 @@ def test_benchmark_resumes_across_process_counts_with_the_same_cells(tmp_path: P
     assert len(report["cells"]) == 2 * len(CELL_DECODERS)
 
 
-# ------------------------------------------------------------------------------- train(): MLE and MGS
+# ------------------------------------------------------------------- train(): MLE, MGS, MRT, PG
 MULTI30K = DATA / "multi30k"
 needs_multi30k = pytest.mark.skipif(not (MULTI30K / "train.de").is_file(), reason="Multi30k not found")
 
@@ -190,7 +190,7 @@ def _seq2seq_run(step_name: str, checkpoint_dir: str | None, updates: int) -> di
     from training.mgs import MGSConfig, MGSStep
     from training.parallel_text import encode_parallel, read_parallel
     from training.seq2seq import Seq2SeqSize, build_seq2seq
-    from training.steps import MLEStep
+    from training.steps import MLEStep, MRTStep, PGStep
     from training.task import Seq2SeqTask
     from training.tokenizer import train_tokenizer
 
@@ -198,8 +198,12 @@ def _seq2seq_run(step_name: str, checkpoint_dir: str | None, updates: int) -> di
     tokenizer = train_tokenizer(list(text.sources + text.targets), vocab_size=150)
     data = encode_parallel(text, tokenizer, max_length=40)  # targets of different lengths
     model = build_seq2seq(tokenizer, Seq2SeqSize(d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0), seed=0)
-    task = Seq2SeqTask(tokenizer, cost="repetition", max_length_factor=1.0)  # varies with the weights
-    step = MLEStep(task) if step_name == "mle" else MGSStep(task, MGSConfig(num_candidates=3, sigma=30.0, alpha=20.0))
+    # costs that vary with the weights (MGS's greedy decodes) and between samples (MRT, PG)
+    task = Seq2SeqTask(tokenizer, cost="length_ratio" if step_name in ("mrt", "pg") else "repetition",
+                       max_length_factor=1.0)
+    step = {"mle": lambda: MLEStep(task), "mgs": lambda: MGSStep(task, MGSConfig(num_candidates=3, sigma=30.0, alpha=20.0)),
+            "mrt": lambda: MRTStep(task, num_samples=3, mle_probability=0.25),
+            "pg": lambda: PGStep(task, num_samples=3, mle_probability=0.0)}[step_name]()
     config = LoopConfig(batch_size=8, max_updates=updates, checkpoint_every=1, progress=False, seed=1)
     train(model, step, data, torch.optim.SGD(model.parameters(), lr=0.5), config=config,  # SGD: no Adam normalising
           checkpoint_dir=checkpoint_dir)  # fmt: skip
@@ -213,7 +217,7 @@ def _seq2seq_in_process(rank: int, step_name: str, checkpoint_dir: str | None, u
 
 
 @needs_multi30k
-@pytest.mark.parametrize("step_name", ["mle", "mgs"])
+@pytest.mark.parametrize("step_name", ["mle", "mgs", "mrt", "pg"])
 def test_train_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path: Path, step_name: str) -> None:
     alone = _seq2seq_run(step_name, None, 4)
     run_in_processes(_seq2seq_in_process, 2, step_name, str(tmp_path / "ckpt"), 2, str(tmp_path / "half.pt"))
@@ -227,12 +231,18 @@ def test_train_under_two_processes_equals_one_process_on_the_whole_batch(tmp_pat
     _assert_same_weights(resumed["model"], alone)
 
 
+class _OneProcessStep:
+    """A user's step that does not say it runs under torchrun."""
+
+    def __call__(self, model, batch, optimizer, *, generator=None):
+        raise AssertionError("never called: train refuses the step first")
+
+
 def _mre_in_process(rank: int) -> None:
     from training.loop import LoopConfig, train
-    from training.steps import MRTStep
 
-    with pytest.raises(ValueError, match="MRTStep does not run under torchrun"):
-        train(torch.nn.Linear(2, 2), MRTStep.__new__(MRTStep), None, None,  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="_OneProcessStep does not run under torchrun"):
+        train(torch.nn.Linear(2, 2), _OneProcessStep(), None, None,  # type: ignore[arg-type]
               config=LoopConfig(max_updates=1))  # fmt: skip
 
 

@@ -227,3 +227,53 @@ def test_a_cache_that_cannot_merge_falls_back_to_chunks(monkeypatch, merges):
     whole, limited = _both(model, ids, mask, limit=4)
     assert torch.equal(whole.sequences, limited.sequences)
     assert not merges
+
+
+# ------------------------------------------------------------------------------ prompt_share
+SAMPLED = {name: options for name, options in STRATEGIES.items() if options.get("do_sample")}
+SAMPLED["beam sampling 2"] = {"do_sample": True, "num_beams": 2}
+
+
+def _rows(output, prefix: int) -> list[list[int]]:
+    """Each output row's tokens up to its length (shares pad to their own longest row)."""
+    return [row[:prefix + n].tolist() for row, n in zip(output.sequences, output.lengths.tolist())]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "lstm"])
+@pytest.mark.parametrize("strategy", sorted(SAMPLED))
+@pytest.mark.parametrize("limit", [None, 6])
+def test_prompt_share_splits_a_sampled_call(kind, strategy, limit):
+    """Shares of a batch, each decoded alone with prompt_share (as processes under torchrun do), sample what
+    one call on the whole batch samples; without prompt_share a share draws other numbers."""
+    model, options = _model(kind), SAMPLED[strategy]
+    ids, mask = left_padded_prompts(seed=6, batch=7, length=6)
+    kw = {"max_new_tokens": 20, "eos_token_id": EOS, "pad_token_id": PAD, "return_dict_in_generate": True,
+          **options}
+    whole = generate(model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    per_prompt = options.get("num_return_sequences", 1)
+    shared, alone = [], []
+    for first, stop in ((0, 3), (3, 4), (4, 7)):
+        shared += _rows(generate(model, ids[first:stop], mask[first:stop], generator=torch.Generator().manual_seed(5),
+                                 prompt_share=(first, 7), max_batch_size=limit, **kw), ids.shape[1])
+        alone += _rows(generate(model, ids[first:stop], mask[first:stop], generator=torch.Generator().manual_seed(5),
+                                **kw), ids.shape[1])
+    assert shared == _rows(whole, ids.shape[1])
+    assert alone[3 * per_prompt:] != shared[3 * per_prompt:], "shares must need prompt_share to match"
+
+
+@pytest.mark.parametrize(("share", "error"), [
+    ((0, 2), ValueError), ((-1, 5), ValueError), ((3, 5), ValueError), ((0.0, 5), TypeError), (5, TypeError),
+    ((0, 5, 1), TypeError), ((True, 5), TypeError),
+])
+def test_prompt_share_is_checked(share, error):
+    model = tiny_model("gpt2")
+    ids, mask = left_padded_prompts(batch=3)
+    with pytest.raises(error, match="prompt_share"):
+        generate(model, ids, mask, max_new_tokens=3, do_sample=True, prompt_share=share)
+
+
+def test_prompt_share_needs_sampling():
+    model = tiny_model("gpt2")
+    ids, mask = left_padded_prompts(batch=3)
+    with pytest.raises(ValueError, match="prompt_share.*do_sample"):
+        generate(model, ids, mask, max_new_tokens=3, prompt_share=(0, 3))

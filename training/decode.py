@@ -77,7 +77,8 @@ def eos_lengths(tokens: torch.LongTensor, eos_token_id: int) -> tuple[torch.Long
 def decode(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, *,
            max_new_tokens: int, strategy: Strategy = "greedy", num_return_sequences: int = 1,
            num_beams: int = 4, eos_token_id: int, pad_token_id: int,
-           generator: torch.Generator | None = None, generate_fn: GenerateFn | None = None) -> Hypotheses:
+           generator: torch.Generator | None = None, generate_fn: GenerateFn | None = None,
+           prompt_share: tuple[int, int] | None = None) -> Hypotheses:
     """Decode a batch and return its :class:`Hypotheses` (``N = B * num_return_sequences`` rows).
 
     Args:
@@ -88,6 +89,8 @@ def decode(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: 
         generator: random source for sampling.
         generate_fn: a drop-in for ``model.generate`` taking the model as first argument; default
             :func:`decoding.generate`.
+        prompt_share: ``(first_row, whole_rows)`` when these rows are a share of a larger batch (sampling
+            only): each row samples what it samples in the whole batch (``decoding.generate``'s option).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -101,6 +104,8 @@ def decode(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: 
     )
     if strategy == "sample":
         options.update(top_k=0, top_p=1.0, temperature=1.0, generator=generator)
+        if prompt_share is not None:
+            options["prompt_share"] = tuple(prompt_share)
     with torch.no_grad():
         output = generate(model, input_ids, attention_mask=attention_mask, **options)
     sequences = output.sequences if hasattr(output, "sequences") else output

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ranks", "init_distributed", "current_ranks", "local_device", "shard", "gather", "barrier", "all_sum",
-           "backend_device", "global_mean", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
+           "backend_device", "global_mean", "global_max", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
            "average_gradients"]
 
 T = TypeVar("T")
@@ -128,6 +128,15 @@ def global_mean(mean: float, count: float, ranks: Ranks, *, device: torch.device
         return float(mean)
     total, items = all_sum([float(mean) * float(count), float(count)], ranks, device=device)
     return total / items if items > 0 else float("nan")
+
+
+def global_max(value: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> float:
+    """The largest of every process's ``value``."""
+    if not ranks.distributed:
+        return float(value)
+    largest = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest)
 
 
 def counts_of_all(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:

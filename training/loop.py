@@ -20,7 +20,7 @@ curve has plateaued, and writes an atomic checkpoint that a later call resumes f
 same random streams, same optimiser and step state.
 
 Under ``torchrun`` (:mod:`training.distributed`) every process runs :func:`train` with the same arguments
-and takes its share of each batch's rows; steps that support it (``runs_distributed``: MLE and MGS) make
+and takes its share of each batch's rows; steps that support it (``runs_distributed``: MLE, MGS, MRT, PG) make
 the update a single process makes on the whole batch, every process validates, rank 0 writes the files,
 and a checkpoint resumes under any number of processes. A batch with fewer rows than processes is skipped.
 
@@ -327,7 +327,7 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
                          "config.validate_at_start=True")
     ranks = current_ranks()
     if ranks.distributed and not getattr(step, "runs_distributed", False):
-        raise ValueError(f"step: {type(step).__name__} does not run under torchrun yet (MLEStep and MGSStep do); "
+        raise ValueError(f"step: {type(step).__name__} does not run under torchrun (MLEStep, MGSStep, MRTStep and PGStep do); "
                          "run it in one process")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None

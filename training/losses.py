@@ -78,17 +78,18 @@ def length_normalised(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch
     return (token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
-def mrt_loss(scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+def mrt_loss(scores: torch.Tensor, costs: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Minimum risk training loss (a scalar) over ``K`` candidates per source.
 
     ``Q = softmax_k(scores)`` over each row of ``scores [B, K]`` (length-normalised log-probabilities),
-    costs divided by the batch maximum; loss ``= mean_b sum_k cost_bk * Q_bk``.
+    costs divided by the batch maximum (``scale``: the maximum over a larger batch these rows are part of);
+    loss ``= mean_b sum_k cost_bk * Q_bk``.
     """
     if scores.shape != costs.shape or scores.dim() != 2:
         raise ValueError(f"scores and costs must both be [B, K], got {tuple(scores.shape)} and "
                          f"{tuple(costs.shape)}")
-    scale = costs.max().clamp(min=1e-12)
-    return (costs / scale * torch.softmax(scores, dim=1)).sum(dim=1).mean()
+    largest = max(float(scale if scale is not None else costs.max()), 1e-12)
+    return (costs / largest * torch.softmax(scores, dim=1)).sum(dim=1).mean()
 
 
 def pg_loss(scores: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -115,9 +116,10 @@ class MovingAverageBaseline:
         self.momentum = momentum
         self.value: float | None = None
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``rewards - b``, then fold ``rewards`` into ``b``: ``b <- m b + (1 - m) mean(rewards)``."""
-        mean = float(rewards.detach().mean())
+    def advantages(self, rewards: torch.Tensor, *, mean: float | None = None) -> torch.Tensor:
+        """``rewards - b``, then fold ``rewards`` into ``b``: ``b <- m b + (1 - m) mean(rewards)``
+        (``mean``: the mean reward of a larger batch these rows are part of)."""
+        mean = float(rewards.detach().mean()) if mean is None else float(mean)
         baseline = mean if self.value is None else self.value
         self.value = self.momentum * baseline + (1 - self.momentum) * mean
         return rewards - baseline

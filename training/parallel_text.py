@@ -106,6 +106,8 @@ class Batch:
         references: the ``B`` raw target sentences.
         whole_longest_target: on a share of a batch (:meth:`rows`), the longest target of the whole batch,
             which caps decoding as it would for the whole batch; None on a whole batch.
+        first_row, whole_rows: on a share, where its rows start in the whole batch and how many that has
+            (sampling draws what the whole batch's rows draw: :attr:`share`); 0 and None on a whole batch.
     """
 
     source_ids: torch.LongTensor
@@ -114,6 +116,8 @@ class Batch:
     target_mask: torch.LongTensor
     references: tuple[str, ...]
     whole_longest_target: int | None = None
+    first_row: int = 0
+    whole_rows: int | None = None
 
     def __len__(self) -> int:
         return self.source_ids.shape[0]
@@ -125,14 +129,24 @@ class Batch:
             return self.whole_longest_target
         return int(self.target_mask.sum(1).max())
 
+    @property
+    def share(self) -> tuple[int, int] | None:
+        """``(first_row, whole_rows)`` on a share of a batch (``generate``'s ``prompt_share``), else None."""
+        return None if self.whole_rows is None else (self.first_row, self.whole_rows)
+
     def rows(self, first: int, stop: int) -> "Batch":
         """Rows ``first .. stop - 1``, padded as in the whole batch (one process's share under torchrun)."""
+        if not 0 <= first <= stop <= len(self):
+            raise ValueError(f"rows({first}, {stop}): need 0 <= first <= stop <= {len(self)}")
+        whole_rows = len(self) if self.whole_rows is None else self.whole_rows
         return Batch(self.source_ids[first:stop], self.source_mask[first:stop], self.target_ids[first:stop],
-                     self.target_mask[first:stop], self.references[first:stop], self.longest_target)
+                     self.target_mask[first:stop], self.references[first:stop], self.longest_target,
+                     self.first_row + first, whole_rows)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.source_ids.to(device), self.source_mask.to(device), self.target_ids.to(device),
-                     self.target_mask.to(device), self.references, self.whole_longest_target)
+                     self.target_mask.to(device), self.references, self.whole_longest_target, self.first_row,
+                     self.whole_rows)
 
 
 def make_batch(data: EncodedParallel, indices: Sequence[int], *, left_pad_source: bool = False) -> Batch:

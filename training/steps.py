@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .distributed import backend_device, current_ranks, global_mean, share_weight
+from .distributed import Ranks, backend_device, current_ranks, global_max, global_mean, share_weight
 from .parallel_text import Batch
 from .loop import gradient_step
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
@@ -82,7 +82,14 @@ class MLEStep:
 
 
 class _SampledStep:
-    """Shared part of MRT and PG: with probability ``mle_probability`` an MLE step, else K samples."""
+    """Shared part of MRT and PG: with probability ``mle_probability`` an MLE step, else K samples.
+
+    The samples come from a stream seeded by one draw of the step's ``generator``, so the generator moves
+    on by the same amount whatever the samples' lengths. Under ``torchrun`` each process samples its share
+    of the batch's rows with the numbers those rows draw in the whole batch (``prompt_share``), costs are
+    scaled by the whole batch's largest, and the update is the one-process update on the whole batch."""
+
+    runs_distributed = True
 
     def __init__(self, task: Seq2SeqTask, *, num_samples: int = 4, mle_probability: float = 0.1,
                  clip: float = 1.0) -> None:
@@ -101,24 +108,36 @@ class _SampledStep:
         device = generator.device if generator is not None else next(model.parameters()).device
         if float(torch.rand((), generator=generator, device=device)) < self.mle_probability:
             return {**self._mle(model, batch, optimizer), "mle_substep": 1.0}
-        decoded, costs = self.task.sample(model, batch, num_samples=self.num_samples, generator=generator)
+        decoded, costs = self.task.sample(model, batch, num_samples=self.num_samples,
+                                          generator=_sampling_stream(generator, device))
         costs = costs.view(len(batch), self.num_samples)                    # [B, K]
+        ranks, host = current_ranks(), backend_device(next(model.parameters()).device)
         model.train()
         scores = self.task.hypothesis_scores(model, batch, decoded, num_samples=self.num_samples)
-        loss = self.loss(scores, costs)
-        norm = _backward_and_step(model, loss, optimizer, self.clip)
-        return {"loss": float(loss.detach()), "cost_samples": float(costs.mean()), "grad_norm": norm,
-                "mle_substep": 0.0}
+        loss = self.loss(scores, costs, scale=global_max(float(costs.max()), ranks, device=host), ranks=ranks)
+        share = share_weight(len(batch), ranks, device=host)
+        norm = _backward_and_step(model, loss if share == 1.0 else loss * share, optimizer, self.clip)
+        return {"loss": global_mean(float(loss.detach()), len(batch), ranks, device=host),
+                "cost_samples": global_mean(float(costs.mean()), len(batch), ranks, device=host),
+                "grad_norm": norm, "mle_substep": 0.0}
 
-    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor, *, scale: float, ranks: Ranks) -> torch.Tensor:
+        """The mean loss of these rows (``[B, K]`` scores and costs), costs scaled by ``scale`` (the whole
+        batch's largest cost)."""
         raise NotImplementedError
+
+
+def _sampling_stream(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A fresh stream seeded by one draw of ``generator``."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
+    return torch.Generator(device).manual_seed(seed)
 
 
 class MRTStep(_SampledStep):
     """Minimum risk training: ``Σ_k cost_k Q_k`` over 4 samples per source (Shen et al. 2016, "Minimum risk training for neural machine translation")."""
 
-    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-        return mrt_loss(scores, costs)
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor, *, scale: float, ranks: Ranks) -> torch.Tensor:
+        return mrt_loss(scores, costs, scale=scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -135,9 +154,10 @@ class PGStep(_SampledStep):
         super().__init__(task, num_samples=num_samples, mle_probability=mle_probability, clip=clip)
         self.baseline = MovingAverageBaseline(baseline_momentum)
 
-    def loss(self, scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-        rewards = -costs / costs.max().clamp(min=1e-12)
-        return pg_loss(scores, self.baseline.advantages(rewards))
+    def loss(self, scores: torch.Tensor, costs: torch.Tensor, *, scale: float, ranks: Ranks) -> torch.Tensor:
+        rewards = -costs / max(scale, 1e-12)
+        mean = global_mean(float(rewards.mean()), rewards.shape[0], ranks, device=backend_device(rewards.device))
+        return pg_loss(scores, self.baseline.advantages(rewards, mean=mean))
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline.state_dict()}

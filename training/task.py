@@ -78,7 +78,8 @@ class Seq2SeqTask:
         hyps = decode(model, batch.source_ids, batch.source_mask, max_new_tokens=self.max_new_tokens(batch),
                       strategy=strategy, num_return_sequences=num_return_sequences,
                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                      generator=generator, generate_fn=self.generate_fn)
+                      generator=generator, generate_fn=self.generate_fn,
+                      prompt_share=batch.share if strategy == "sample" else None)
         texts = self.tokenizer.batch_decode(hyps.tokens.tolist(), skip_special_tokens=True)
         repeat = num_return_sequences
         references = [ref for ref in batch.references for _ in range(repeat)]
