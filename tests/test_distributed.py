@@ -198,10 +198,13 @@ def _seq2seq_run(step_name: str, checkpoint_dir: str | None, updates: int) -> di
     tokenizer = train_tokenizer(list(text.sources + text.targets), vocab_size=150)
     data = encode_parallel(text, tokenizer, max_length=40)  # targets of different lengths
     model = build_seq2seq(tokenizer, Seq2SeqSize(d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0), seed=0)
+    if step_name == "mgs-sampled":  # samples that end at different steps: decodes of shares differ in length
+        model.final_logits_bias[0, tokenizer.eos_token_id] = 3.0
     # costs that vary with the weights (MGS's greedy decodes) and between samples (MRT, PG)
     task = Seq2SeqTask(tokenizer, cost="length_ratio" if step_name in ("mrt", "pg") else "repetition",
-                       max_length_factor=1.0)
+                       max_length_factor=1.0, strategy="sample" if step_name == "mgs-sampled" else "greedy")
     step = {"mle": lambda: MLEStep(task), "mgs": lambda: MGSStep(task, MGSConfig(num_candidates=3, sigma=30.0, alpha=20.0)),
+            "mgs-sampled": lambda: MGSStep(task, MGSConfig(num_candidates=3, sigma=30.0, alpha=20.0, common_noise=False)),
             "mrt": lambda: MRTStep(task, num_samples=3, mle_probability=0.25),
             "pg": lambda: PGStep(task, num_samples=3, mle_probability=0.0)}[step_name]()
     config = LoopConfig(batch_size=8, max_updates=updates, checkpoint_every=1, progress=False, seed=1)
@@ -217,7 +220,7 @@ def _seq2seq_in_process(rank: int, step_name: str, checkpoint_dir: str | None, u
 
 
 @needs_multi30k
-@pytest.mark.parametrize("step_name", ["mle", "mgs", "mrt", "pg"])
+@pytest.mark.parametrize("step_name", ["mle", "mgs", "mgs-sampled", "mrt", "pg"])
 def test_train_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path: Path, step_name: str) -> None:
     alone = _seq2seq_run(step_name, None, 4)
     run_in_processes(_seq2seq_in_process, 2, step_name, str(tmp_path / "ckpt"), 2, str(tmp_path / "half.pt"))

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from .distributed import average_gradients, backend_device, current_ranks, global_mean, share_weight
 from .parallel_text import Batch
-from .steps import loss_weight
+from .steps import loss_weight, seeded_stream
 from .task import SequenceTask
 
 __all__ = ["MGSConfig", "mle_direction", "sample_candidates", "candidate_costs", "log_proposal_density",
@@ -174,7 +174,7 @@ def candidate_costs(model: torch.nn.Module, task: SequenceTask, batch: Batch, ca
 
     The perturbed weights exist only inside :func:`torch.func.functional_call`; ``model``'s own
     parameters are left bit-identical. With ``common_noise``, every candidate decodes with a copy of
-    ``generator``'s current state.
+    ``generator``'s current state; without, with a stream seeded by one draw of ``generator`` each.
     """
     runner = _DecodeCosts(model, task)
     base = {name: p.detach() for name, p in trainable_parameters(model).items()}
@@ -182,7 +182,8 @@ def candidate_costs(model: torch.nn.Module, task: SequenceTask, batch: Batch, ca
     with torch.no_grad():
         for candidate in candidates:
             params = {f"model.{name}": base[name] + delta for name, delta in candidate.items()}
-            draw = _fork(generator) if common_noise else generator
+            fresh = not common_noise and generator is not None
+            draw = seeded_stream(generator, generator.device) if fresh else _fork(generator)
             per_sequence = functional_call(runner, params, (batch, draw), strict=False)
             costs.append(mean_cost(per_sequence))
     return torch.stack(costs)

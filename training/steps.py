@@ -17,7 +17,7 @@ from .loop import gradient_step
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
 from .task import Seq2SeqTask, SequenceTask
 
-__all__ = ["UpdateStep", "MLEStep", "MRTStep", "PGStep", "loss_weight"]
+__all__ = ["UpdateStep", "MLEStep", "MRTStep", "PGStep", "loss_weight", "seeded_stream"]
 
 
 class UpdateStep(Protocol):
@@ -109,7 +109,7 @@ class _SampledStep:
         if float(torch.rand((), generator=generator, device=device)) < self.mle_probability:
             return {**self._mle(model, batch, optimizer), "mle_substep": 1.0}
         decoded, costs = self.task.sample(model, batch, num_samples=self.num_samples,
-                                          generator=_sampling_stream(generator, device))
+                                          generator=seeded_stream(generator, device))
         costs = costs.view(len(batch), self.num_samples)                    # [B, K]
         ranks, host = current_ranks(), backend_device(next(model.parameters()).device)
         model.train()
@@ -127,9 +127,10 @@ class _SampledStep:
         raise NotImplementedError
 
 
-def _sampling_stream(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A fresh stream seeded by one draw of ``generator``."""
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
+def seeded_stream(generator: torch.Generator | None, device: torch.device | str) -> torch.Generator:
+    """A fresh random stream on ``device`` seeded by one draw of ``generator``: what decodes sample from, so
+    that ``generator`` moves on by one draw however long they run (under torchrun: equally everywhere)."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device if generator else "cpu"))
     return torch.Generator(device).manual_seed(seed)
 
 
