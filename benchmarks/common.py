@@ -156,8 +156,8 @@ def one_process_only(script: str) -> None:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         raise SystemExit(f"{script}: runs in one process for now, not under torchrun ({processes} processes); "
-                         "under torchrun: benchmarks.nontermination's word models, training.train (MLE, MGS) "
-                         "and training.lm.train_lm")
+                         "under torchrun: benchmarks.nontermination's word models, benchmarks.mt_bleu, "
+                         "training.train (MLE, MGS, MRT, PG) and training.lm.train_lm")
 
 
 def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:

@@ -37,14 +37,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (REPO, cache_root, command_line, one_process_only, run_environment, settings_key,
-                               write_json)
+from benchmarks.common import REPO, cache_root, command_line, run_environment, settings_key, write_json
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.mt_bleu_report import ALL_METHODS, METHODS, RATE_CONTROL, base_note, comparison_note, markdown
 from benchmarks.mt_bleu_report import mgs_notes, plot, summary_rows
 from training.parallel_text import ParallelText, encode_parallel, read_parallel
 from decoding.metrics import corpus_bleu_signature
 from training.checkpoint import atomic_folder, atomic_write_text
+from training.distributed import barrier, current_ranks, init_distributed, local_device
 from training.evaluate import Translations, chrf_signature, score_translations, translate
 from training.loop import LoopConfig, load_best, train
 from training.mgs import MGSConfig, MGSStep
@@ -205,13 +205,16 @@ def inverse_sqrt(warmup: int):
 
 
 def base_tokenizer(folder: Path, train_text: ParallelText, settings: Settings):
-    if folder.is_dir():
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(folder)
-    tokenizer = train_tokenizer(list(train_text.sources) + list(train_text.targets),
-                                vocab_size=settings.vocab_size)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+    """The tokenizer saved in ``folder``, trained there first if missing (by rank 0 under torchrun)."""
+    from transformers import AutoTokenizer
+
+    ranks = current_ranks()
+    if not folder.is_dir() and ranks.main:
+        tokenizer = train_tokenizer(list(train_text.sources) + list(train_text.targets),
+                                    vocab_size=settings.vocab_size)
+        atomic_folder(folder, tokenizer.save_pretrained)
+    barrier(ranks)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, *, progress: bool,
@@ -244,7 +247,6 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
                    validate=val_bleu_fn(tokenizer, splits["val"], settings), checkpoint_dir=base / "checkpoint",
                    stop_rule=settings.base_plateau)
     load_best(model, base / "checkpoint")
-    atomic_folder(base / "model", lambda folder: save_seq2seq(model, tokenizer, folder))
     rule = settings.base_plateau
     info = {"updates": result.updates, "epochs": result.epoch, "train_seconds": result.train_seconds,
             "best_val_bleu": result.best_score, "best_update": result.best_update,
@@ -253,7 +255,10 @@ def train_base(root: Path, splits: dict[str, ParallelText], settings: Settings, 
             "plateau_rule": asdict(rule) if rule is not None else None,
             "plateau_gain": rule.gain(result.history) if rule is not None else None,
             "parameters": sum(p.numel() for p in model.parameters())}
-    write_json(info_path, info)
+    if current_ranks().main:  # every process holds the same model; one writes it
+        atomic_folder(base / "model", lambda folder: save_seq2seq(model, tokenizer, folder))
+        write_json(info_path, info)
+    barrier(current_ranks())
     return info
 
 
@@ -264,7 +269,7 @@ def evaluate_base(root: Path, splits: dict[str, ParallelText], settings: Setting
         return json.loads(path.read_text())
     model, tokenizer = load_seq2seq(root / "base" / "model")
     scores = evaluate_test(model.to(device), tokenizer, splits, settings, progress=progress)
-    write_json(path, scores)
+    _write_on_main(path, scores)
     return scores
 
 
@@ -318,8 +323,16 @@ def finetune(root: Path, base: dict, method: str, seed: int, splits: dict[str, P
         "best_val_bleu": result.best_score, "best_update": result.best_update, "history": result.history,
         "step_logs": result.step_logs, "test": test_sets[settings.test_sets[0]], "test_sets": test_sets,
     }
-    write_json(result_path, record)
+    _write_on_main(result_path, record)
     return record
+
+
+def _write_on_main(path: Path, payload: dict) -> None:
+    """``payload`` to ``path`` by rank 0 (every process computed it alike); the others wait for the file."""
+    ranks = current_ranks()
+    if ranks.main:
+        write_json(path, payload)
+    barrier(ranks)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -415,34 +428,37 @@ def metadata(argv: list[str] | None, settings: Settings, root: Path, splits: dic
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     args = parse_args(argv)
-    one_process_only("python -m benchmarks.mt_bleu")
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
-    device = resolve_device(args.device)
+    device = local_device(resolve_device(args.device))
+    ranks = init_distributed(device)  # a group of one without torchrun
+    say = print if ranks.main else lambda *a, **k: None
     _, tier_seeds, tier_methods = TIERS[tier_name(args)]
     seeds = args.seeds if args.seeds is not None else list(tier_seeds)
     methods = args.methods if args.methods is not None else list(tier_methods)
     name = args.name or ("mt_bleu-standard" if args.standard else "mt_bleu")
     root = run_folder(args, settings)
-    progress = not args.no_progress
+    progress = not args.no_progress and ranks.main
     splits = load_splits(data_folder(args.data_dir, settings), settings)
     primary = settings.test_sets[0]
-    print(f"[mt_bleu] cache {root}; train {len(splits['train'])} pairs, val {len(splits['val'])}, test "
+    say(f"[mt_bleu] cache {root}; train {len(splits['train'])} pairs, val {len(splits['val'])}, test "
           + ", ".join(f"{s} {len(splits[s])}" for s in settings.test_sets), flush=True)
     base = train_base(root, splits, settings, progress=progress, device=device)
     base = {**base, "test_sets": evaluate_base(root, splits, settings, progress=progress, device=device)}
     base["test"] = base["test_sets"][primary]
-    print(f"[mt_bleu] base: {base['stop_reason']} after {base['updates']} updates, val {base['best_val_bleu']:.2f}, "
+    say(f"[mt_bleu] base: {base['stop_reason']} after {base['updates']} updates, val {base['best_val_bleu']:.2f}, "
           f"{primary} greedy {base['test']['greedy']['bleu']:.2f}, beam4 {base['test']['beam4']['bleu']:.2f}",
           flush=True)
     runs = []
     for seed in seeds:
         for method in methods:
             record = finetune(root, base, method, seed, splits, settings, progress=progress, device=device)
-            print(f"[mt_bleu] {method} seed {seed}: {record['updates']} updates, {primary} greedy "
+            say(f"[mt_bleu] {method} seed {seed}: {record['updates']} updates, {primary} greedy "
                   f"{record['test']['greedy']['bleu']:.2f}, beam4 {record['test']['beam4']['bleu']:.2f}",
                   flush=True)
             runs.append(record)
+    if not ranks.main:
+        return {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes = [note for note in (base_note(base), comparison_note(runs, primary)) if note] + mgs_notes(runs)

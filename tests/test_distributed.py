@@ -278,3 +278,26 @@ def test_mgs_step_under_two_processes_equals_one_process_on_the_whole_batch(tmp_
     two = torch.load(tmp_path / "two.pt")
     assert two["costs"] == pytest.approx(alone["costs"])
     _assert_same_weights(two["state"], alone["state"])
+
+
+# ------------------------------------------------------------------------------- one clock
+def _timed_loop(rank: int, out: str) -> None:
+    """run_loop with a wall-time budget where rank 1's updates take three times as long as rank 0's."""
+    import time
+
+    from training.loop import LoopPosition, run_loop
+
+    position = LoopPosition()
+    run_loop(position, epoch_items=lambda epoch: list(range(100)),
+             update=lambda item: time.sleep(0.01 * (1 + 2 * rank)) or {"item": float(item)},
+             after_update=lambda logs: "max_seconds" if position.train_seconds >= 0.25 else None)  # fmt: skip
+    torch.save((position.updates, position.train_seconds, position.train_cpu_seconds), f"{out}.{rank}")
+
+
+def test_time_budgets_stop_every_process_after_the_same_update(tmp_path: Path) -> None:
+    """Each process's own clock would stop rank 0 after about 3x rank 1's updates, and a process that stops
+    while another still trains leaves that one waiting in its next all-reduce."""
+    run_in_processes(_timed_loop, 2, str(tmp_path / "pos"))
+    first, second = (torch.load(tmp_path / f"pos.{rank}") for rank in range(2))
+    assert first == second
+    assert first[1] >= 0.25 and first[0] <= 10  # rank 1's pace: about 0.03 s an update

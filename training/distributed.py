@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ranks", "init_distributed", "current_ranks", "local_device", "shard", "gather", "barrier", "all_sum",
-           "backend_device", "global_mean", "global_max", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
+           "backend_device", "collective_device", "agreed_seconds", "global_mean", "global_max", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
            "average_gradients"]
 
 T = TypeVar("T")
@@ -137,6 +137,23 @@ def global_max(value: float, ranks: Ranks, *, device: torch.device | str = "cpu"
     largest = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     return float(largest)
+
+
+def collective_device() -> torch.device:
+    """Where this group's collectives take their tensors: this process's GPU under NCCL, else the host."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agreed_seconds(seconds: Sequence[float], ranks: Ranks) -> list[float]:
+    """Each of ``seconds`` (e.g. an update's wall and CPU time), the largest over the processes: a clock
+    every process reads alike, so time budgets stop them all after the same update."""
+    if not ranks.distributed:
+        return [float(s) for s in seconds]
+    largest = torch.tensor([float(s) for s in seconds], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest.tolist()
 
 
 def counts_of_all(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from decoding.metrics import corpus_bleu, corpus_bleu_signature, length_ratio
 
 from .decode import GenerateFn, Hypotheses, decode
+from .distributed import current_ranks, gather, shard
 from .padding import pad_rows
 
 __all__ = ["Translations", "translate", "TranslationScores", "score_translations", "bleu_length_ratio",
@@ -50,6 +51,9 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
     ``length_factor=3, length_slack=0``: "no eos within 3x the source length"): the batch still decodes to
     its longest row's cap, and a longer output is cut at the row's cap and counts as non-terminated. For
     greedy decoding that equals decoding each row alone with its cap; beam search ran to the batch's cap.
+
+    Under ``torchrun`` the batches (fixed by ``batch_size``, whatever the number of processes) are shared
+    out round robin and every process returns all the translations, those of one process.
     """
     if len(sources) == 0:
         raise ValueError("sources: nothing to translate")
@@ -62,8 +66,10 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
     texts: list[str] = [""] * len(sources)
     terminated = [False] * len(sources)
     lengths = [0] * len(sources)
+    ranks = current_ranks()
+    mine = shard(range(0, len(order), batch_size), ranks)
     try:
-        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="translate"):
+        for start in tqdm(mine, disable=not progress or not ranks.main, desc="translate"):
             chunk = order[start: start + batch_size]
             encoded = tokenizer([sources[i] for i in chunk], add_special_tokens=False, truncation=True,
                                 max_length=max_length - 1)["input_ids"]
@@ -84,6 +90,11 @@ def translate(model: torch.nn.Module, tokenizer, sources: Sequence[str], *, num_
                 lengths[index] = int(hyps.lengths[row])
     finally:
         model.train(was_training)
+    if ranks.distributed:  # every process filled its own batches' rows: collect each row from its process
+        rows = [index for start in mine for index in order[start: start + batch_size]]
+        for part in gather([(i, texts[i], terminated[i], lengths[i]) for i in rows], ranks):
+            for index, text, stopped, length in part:
+                texts[index], terminated[index], lengths[index] = text, stopped, length
     return Translations(texts, terminated, lengths)
 
 

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, model_signature
-from .distributed import average_gradients, barrier, current_ranks, row_range
+from .distributed import agreed_seconds, average_gradients, barrier, current_ranks, row_range
 from .parallel_text import Batch, EncodedParallel, epoch_batches, make_batch
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ class LoopPosition:
         epoch: epochs finished.
         batch_index: batches of the current epoch visited (updated or skipped).
         train_seconds: wall time of the updates; train_cpu_seconds: their process CPU time (steadier on a
-            shared machine). Batch preparation and the hooks are not counted.
+            shared machine). Batch preparation and the hooks are not counted. Under torchrun each update
+            counts the slowest process's times, so every process reads the same clock.
     """
 
     updates: int = 0
@@ -114,7 +115,7 @@ def run_loop(position: LoopPosition, *, epoch_items: Callable[[int], Sequence[It
         stop: asked before the first update and after every epoch; a string stops the run.
         progress: the bar to show (None: none).
     """
-    spec = progress or Progress("", enabled=False)
+    spec, ranks = progress or Progress("", enabled=False), current_ranks()
     initial = position.train_cpu_seconds if spec.by_cpu_seconds else position.updates
     bar = tqdm(total=spec.total, initial=initial, desc=spec.description, disable=not spec.enabled,
                unit="cpu s" if spec.by_cpu_seconds else "it", dynamic_ncols=True)
@@ -126,8 +127,9 @@ def run_loop(position: LoopPosition, *, epoch_items: Callable[[int], Sequence[It
                 prepared = prepare(items[position.batch_index])
                 started, started_cpu = time.perf_counter(), time.process_time()
                 logs = update(prepared)
-                cpu = time.process_time() - started_cpu
-                position.train_seconds += time.perf_counter() - started
+                elapsed, cpu = agreed_seconds([time.perf_counter() - started, time.process_time() - started_cpu],
+                                              ranks)  # under torchrun the slowest process's: one clock for all
+                position.train_seconds += elapsed
                 position.train_cpu_seconds += cpu
                 position.batch_index += 1
                 if logs is None:
