@@ -24,6 +24,10 @@ Writes ``<out>/<name>.md``, ``<out>/<name>.json`` and ``<out>/<name>_val_bleu.pn
 installed). Every stage caches its outcome under ``$CONSISTENT_DECODING_CACHE/mt_bleu`` (default
 ``~/.cache/consistent-decoding/mt_bleu``) and every training run checkpoints atomically, so a killed run
 resumes where it stopped and finished work is never redone.
+
+Under ``torchrun --nproc-per-node N`` every process trains on its share of each batch, translates its share
+of the batches and rank 0 writes the cache and the report; a run resumes another's cache under any ``N``.
+The update-time budgets then buy more updates than in one process: compare runs at equal ``N``.
 """
 
 from __future__ import annotations
@@ -318,6 +322,7 @@ def finetune(root: Path, base: dict, method: str, seed: int, splits: dict[str, P
     test_sets = evaluate_test(model, tokenizer, splits, settings, progress=progress)
     record = {
         "method": method, "seed": seed, "lr": lr, "batch_size": settings.finetune_batch,
+        "processes": current_ranks().size,
         "budget_seconds": settings.finetune_seconds, "base": root.name, "updates": result.updates,
         "train_seconds": result.train_seconds, "seconds_per_update": result.train_seconds / max(result.updates, 1),
         "best_val_bleu": result.best_score, "best_update": result.best_update, "history": result.history,

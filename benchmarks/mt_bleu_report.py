@@ -5,7 +5,8 @@ A fine-tuning record (one method, one seed) holds ``method``, ``seed``, ``lr``, 
 ``train_seconds``, ``seconds_per_update``, ``best_val_bleu``, ``history`` (validations), ``step_logs``
 (per update, MGS only), ``test`` (scores on the primary test set) and ``test_sets`` (every test set:
 ``{"greedy": scores, "beam4": scores}``). :func:`check_comparable` refuses to put records side by side
-unless they were fine-tuned from the same base for the same update time, batch size and learning rate.
+unless they were fine-tuned from the same base for the same update time, batch size, number of processes
+(``processes``) and learning rate.
 """
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ MGS_LOGS = ("cost_before", "cost_expected", "weight_mle", "cosine_mle", "ess")
 def check_comparable(runs: Sequence[dict]) -> None:
     """Raise ``ValueError`` unless the runs can share one table.
 
-    Every run must start from the same base and get the same update time and batch size; the methods
+    Every run must start from the same base and get the same update time, batch size and number of
+    processes (under torchrun an update-time budget buys more updates); the methods
     compared with each other (:data:`METHODS`) must also share the learning rate. Only the rate control
     (:data:`RATE_CONTROL`) may differ in learning rate - that is what it is for.
     """
     unknown = sorted({run["method"] for run in runs} - set(ALL_METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(ALL_METHODS)}")
-    for key, scope in (("base", runs), ("budget_seconds", runs), ("batch_size", runs),
+    for key, scope in (("base", runs), ("budget_seconds", runs), ("batch_size", runs), ("processes", runs),
                        ("lr", [run for run in runs if run["method"] in METHODS])):
-        values = {run[key] for run in scope}
+        values = {run.get(key, 1) for run in scope}  # records from before torchrun: one process
         if len(values) > 1:
-            listing = ", ".join(f"{run['method']} seed {run['seed']}: {run[key]}" for run in scope)
+            listing = ", ".join(f"{run['method']} seed {run['seed']}: {run.get(key, 1)}" for run in scope)
             raise ValueError(f"refusing to compare methods fine-tuned with different {key} ({listing}); "
                              "rerun them with equal settings")
 

@@ -301,3 +301,60 @@ def test_time_budgets_stop_every_process_after_the_same_update(tmp_path: Path) -
     first, second = (torch.load(tmp_path / f"pos.{rank}") for rank in range(2))
     assert first == second
     assert first[1] >= 0.25 and first[0] <= 10  # rank 1's pace: about 0.03 s an update
+
+
+# ------------------------------------------------------------------------------- benchmarks.mt_bleu
+def _translations(rank: int | None, out: str | None) -> dict[str, object]:
+    """Greedy and beam-2 translations of 13 sources in batches of 4 by a tiny random model."""
+    from training.evaluate import translate
+    from training.parallel_text import read_parallel
+    from training.seq2seq import Seq2SeqSize, build_seq2seq
+    from training.tokenizer import train_tokenizer
+
+    text = read_parallel(MULTI30K / "train.de", MULTI30K / "train.en").head(60)
+    tokenizer = train_tokenizer(list(text.sources + text.targets), vocab_size=150)
+    model = build_seq2seq(tokenizer, Seq2SeqSize(d_model=16, layers=1, heads=2, ffn_dim=32, dropout=0.0), seed=3)
+    sources = text.sources[:13]
+    found = {f"beams{beams}": asdict(translate(model, tokenizer, sources, num_beams=beams, batch_size=4, length_slack=2))
+             for beams in (1, 2)}  # fmt: skip
+    if out is not None and rank is not None:
+        torch.save(found, f"{out}.{rank}")
+    return found
+
+
+@needs_multi30k
+def test_translate_under_two_processes_equals_one_process(tmp_path: Path) -> None:
+    alone = _translations(None, None)
+    assert len(set(alone["beams1"]["lengths"])) > 2  # batches of different caps: rows must come back in place
+    run_in_processes(_translations, 2, str(tmp_path / "found"))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"found.{rank}") == alone
+
+
+def _mt_bleu_arguments(tmp_path: Path) -> list[str]:
+    return ["--tiny", "--data-dir", str(DATA), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--name", "tiny", "--train-pairs", "120", "--val-pairs", "8", "--test-pairs", "8", "--vocab-size", "200",
+            "--base-seconds", "1", "--finetune-seconds", "0.3", "--finetune-validate-seconds", "0.15", "--seeds", "0",
+            "--no-progress"]  # fmt: skip
+
+
+def _mt_bleu_in_process(rank: int, tmp: str) -> None:
+    from benchmarks import mt_bleu
+
+    mt_bleu.main(_mt_bleu_arguments(Path(tmp)))
+
+
+@needs_multi30k
+def test_mt_bleu_runs_under_two_processes_and_resumes_across_process_counts(tmp_path: Path) -> None:
+    from benchmarks import mt_bleu
+
+    run_in_processes(_mt_bleu_in_process, 2, str(tmp_path))
+    report = json.loads((tmp_path / "out" / "tiny.json").read_text())
+    assert [run["method"] for run in report["runs"]] == ["mle", "mgs", "mrt", "pg"]
+    assert all(run["updates"] >= 1 for run in report["runs"])
+    cached = sorted((tmp_path / "cache").glob("*/finetune-*/*-seed0/result.json")) + sorted(
+        (tmp_path / "cache").glob("*/base/*.json"))
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    again = mt_bleu.main(_mt_bleu_arguments(tmp_path))  # one process: everything comes from the cache
+    assert [path.stat().st_mtime_ns for path in cached] == stamps
+    assert again["runs"] == report["runs"]

@@ -176,6 +176,7 @@ def test_the_report_refuses_runs_of_different_update_time_or_learning_rate():
                              (record("mrt", 1, budget_seconds=300.0), "different budget_seconds"),
                              (record("mle-base-lr", budget_seconds=300.0), "different budget_seconds"),
                              (record("pg", 1, batch_size=64), "different batch_size"),
+                             (record("mgs", 1, processes=2), "different processes"),
                              (record("mle", 1, base="b1"), "different base")):
         mixed = [run for run in runs if (run["method"], run["seed"]) != (changed["method"], 1)] + [changed]
         with pytest.raises(ValueError, match=message):
