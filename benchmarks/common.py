@@ -152,12 +152,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, cache_dir: Path, out_d
 
 def one_process_only(script: str) -> None:
     """Stop at once, with the reason, when ``script`` was started by ``torchrun`` with several processes:
-    it runs in one process for now (each would train the same models and write the same files)."""
+    it runs in one process only (it times decoding, which other processes on the machine would slow down)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
-        raise SystemExit(f"{script}: runs in one process for now, not under torchrun ({processes} processes); "
-                         "under torchrun: benchmarks.nontermination's word models, benchmarks.mt_bleu, "
-                         "training.train (MLE, MGS, MRT, PG) and training.lm.train_lm")
+        raise SystemExit(f"{script}: runs in one process only, not under torchrun ({processes} processes): its "
+                         "timings must not share the machine; under torchrun: benchmarks.nontermination, "
+                         "benchmarks.smollm2_frontier, benchmarks.mt_bleu, training.train (MLE, MGS, MRT, PG) and "
+                         "training.lm.train_lm")
 
 
 def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:

@@ -43,7 +43,7 @@ from benchmarks.common import (REPO, add_run_arguments, command_line, format_eps
                                select, set_threads, write_json)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
-from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_cell, load_cell, save_cell
+from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
 from benchmarks.nontermination_words import WordModelSpec
 from training.distributed import barrier, current_ranks, init_distributed, local_device
@@ -93,29 +93,6 @@ class RunResult:
     missing: list[str] = field(default_factory=list)  # "model / decoder" cells selected but not in the cache
 
 
-def _decode_missing(
-    model: object, name: str, decoders: list[str], *, folder: Path, settings: Settings, prompts: torch.Tensor,
-    reference_lengths: list[int], eos: int, pad: int, max_new_tokens: int, progress: bool,
-    unk: int | None = None,
-) -> None:  # fmt: skip
-    ranks = current_ranks()  # under torchrun: every process decodes its share, rank 0 writes the cell
-    for decoder in decoders:
-        path = cell_file(folder, name, decoder)
-        if path.is_file():
-            continue
-        result = decode_cell(
-            model, prompts, model_name=name, decoder=DECODERS[decoder], eos_token_id=eos, pad_token_id=pad,
-            max_new_tokens=max_new_tokens, reference_lengths=reference_lengths, sample_sets=settings.sample_sets,
-            seed=settings.seed, batch_size=settings.batch_prompts, progress=progress, unk_token_id=unk,
-        )  # fmt: skip
-        if ranks.main:
-            save_cell(result, path)
-        barrier(ranks)
-        summary = result.summary()
-        say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} "
-             f"len={summary['mean_length']:.1f} ({result.seconds:.0f} s)")  # fmt: skip
-
-
 def _run_words(
     settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool,
     device: torch.device,
@@ -147,10 +124,11 @@ def _run_words(
              f"{record['test_perplexity']:.1f} ({record['train_seconds'] / 60:.1f} min)")  # fmt: skip
         if spec.name not in models:
             continue
-        _decode_missing(
-            model, spec.name, missing, folder=root / "cells", settings=settings, prompts=data.prompts,
-            reference_lengths=data.reference_lengths, eos=data.vocab.eos_id, pad=data.vocab.pad_id,
-            max_new_tokens=settings.word_max_new_tokens, progress=progress, unk=data.vocab.unk_id,
+        decode_missing_cells(
+            model, data.prompts, model_name=spec.name, decoders=missing, folder=root / "cells",
+            eos_token_id=data.vocab.eos_id, pad_token_id=data.vocab.pad_id, max_new_tokens=settings.word_max_new_tokens,
+            reference_lengths=data.reference_lengths, sample_sets=settings.sample_sets, seed=settings.seed,
+            batch_size=settings.batch_prompts, progress=progress, unk_token_id=data.vocab.unk_id,
         )  # fmt: skip
 
 
@@ -173,10 +151,11 @@ def _run_smollm2(
                                          seed=settings.seed, progress=progress)  # fmt: skip
         bench.load_variant(variant)
         _, model = bench.head(variant)
-        _decode_missing(
-            model, name, missing, folder=root / "cells", settings=settings, prompts=bench.data.prompts,
-            reference_lengths=bench.data.reference_lengths, eos=bench.eos, pad=bench.eos,
-            max_new_tokens=settings.smol_max_new_tokens, progress=progress,
+        decode_missing_cells(
+            model, bench.data.prompts, model_name=name, decoders=missing, folder=root / "cells",
+            eos_token_id=bench.eos, pad_token_id=bench.eos, max_new_tokens=settings.smol_max_new_tokens,
+            reference_lengths=bench.data.reference_lengths, sample_sets=settings.sample_sets, seed=settings.seed,
+            batch_size=settings.batch_prompts, progress=progress,
         )  # fmt: skip
 
 
@@ -333,9 +312,6 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         if device.type != "cpu" and settings.smollm2 and any(name in models for name in smol_names(settings)):
             problems.append(f"--device {device}: the SmolLM2 cells run on the CPU only for now; select the word "
                             "models with --models, or use --device cpu")
-        if ranks.distributed and settings.smollm2 and any(name in models for name in smol_names(settings)):
-            problems.append(f"torchrun with {ranks.size} processes: the SmolLM2 part runs in one process only "
-                            "for now; select the word models with --models 'rnn-*,lstm-*'")
         if problems:
             parser.error("cannot start, nothing was trained:\n  - " + "\n  - ".join(problems))
     start = time.perf_counter()

@@ -1,11 +1,12 @@
-"""Decoders and per-cell metrics for :mod:`benchmarks.nontermination`.
+"""Decoders and per-cell metrics for :mod:`benchmarks.nontermination` and :mod:`benchmarks.smollm2_frontier`.
 
 A *cell* is one model decoded with one decoder on the benchmark's prompts. :func:`decode_cell` runs
 :func:`decoding.generate` up to ``L`` new tokens and :func:`cell_metrics` turns the generated tokens into
 the table's numbers: the non-termination ratio ``r_L``, the mean generated length and its ratio to the
 reference continuations', and seq-rep-4. Sampled decoders draw ``R`` independent sample sets in one call
 (``num_return_sequences=R``, one seeded generator per chunk of prompts); each set is scored on its own and the table shows the
-mean and the spread (sample standard deviation) over the sets.
+mean and the spread (sample standard deviation) over the sets. :func:`decode_missing_cells` decodes and
+caches the cells a folder lacks (under ``torchrun`` every process decodes its share, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from benchmarks.common import say
 from decoding.generate import generate
 from decoding.metrics import continuation_tokens, length_ratio, mean_seq_rep_n, nontermination_ratio
 from training.checkpoint import atomic_write_text
 from training.decode import eos_lengths
-from training.distributed import Ranks, current_ranks, gather, row_range, shard
+from training.distributed import Ranks, barrier, current_ranks, gather, row_range, shard
 
 __all__ = [
     "DecoderSpec",
@@ -37,6 +39,7 @@ __all__ = [
     "cell_units",
     "chunk_seed",
     "decode_cell",
+    "decode_missing_cells",
     "load_cell",
     "save_cell",
 ]
@@ -297,6 +300,36 @@ def decode_cell(
         model=model_name, decoder=decoder.name, max_new_tokens=max_new_tokens, prompts=len(reference_lengths),
         sample_sets=sets, seconds=time.perf_counter() - start, **metrics,
     )  # fmt: skip
+
+
+def decode_missing_cells(
+    model: Any, prompts: torch.Tensor, *, model_name: str, decoders: Sequence[str], folder: Path, eos_token_id: int,
+    pad_token_id: int, max_new_tokens: int, reference_lengths: Sequence[int], sample_sets: int, seed: int,
+    batch_size: int, progress: bool = True, unk_token_id: int | None = None,
+) -> None:  # fmt: skip
+    """Decode (:func:`decode_cell`) and save every cell of ``model_name`` x ``decoders`` (names in
+    :data:`DECODERS`) that ``folder`` lacks, and say each one's numbers.
+
+    Under ``torchrun`` every process decodes its share of each cell's prompts, rank 0 writes the cell and every
+    process waits for the file (so a later look at the folder finds the same cells everywhere).
+    """
+    ranks = current_ranks()
+    for decoder in decoders:
+        path = cell_file(folder, model_name, decoder)
+        if path.is_file():
+            continue
+        result = decode_cell(
+            model, prompts, model_name=model_name, decoder=DECODERS[decoder], eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, max_new_tokens=max_new_tokens, reference_lengths=reference_lengths,
+            sample_sets=sample_sets, seed=seed, batch_size=batch_size, progress=progress, unk_token_id=unk_token_id,
+            ranks=ranks,
+        )  # fmt: skip
+        if ranks.main:
+            save_cell(result, path)
+        barrier(ranks)
+        summary = result.summary()
+        say(f"[cell] {model_name} / {decoder}: r_L={summary['nontermination']:.3f} "
+            f"len={summary['mean_length']:.1f} ({result.seconds:.0f} s)")  # fmt: skip
 
 
 def _strip_fill(generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:

@@ -22,6 +22,12 @@ Fine-tuning (the frozen layers' pass over the training lines included) runs unde
 ``train_bf16`` is set (the default): about 2x faster on a CPU with AVX512-BF16, and the usual
 mixed-precision recipe (float32 weights, optimizer and log-softmax). Perplexity is always computed in
 float32, and decoding uses the float32 model.
+
+Under ``torchrun`` (:mod:`training.distributed`) every process holds the whole model and takes its block of
+each batch's rows (:func:`~training.distributed.row_range`), frozen layers included: an update weights each
+process's loss by its share of the batch's scored tokens and averages the gradients, so it is the update one
+process makes on the whole batch (to float rounding); perplexity sums every process's NLL and tokens. Rank 0
+writes weights, checkpoints and records, which any number of processes resumes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from decoding.self_terminating import (check_epsilon, check_kind, context_mask_f
                                       self_terminating_log_probs)
 from training.checkpoint import atomic_save
 from training.decode import eos_lengths
+from training.distributed import all_sum, backend_device, barrier, current_ranks, gather, row_range, share_weight
 from training.loop import LoopPosition, Progress, autocast, gradient_step, run_loop
 from training.padding import pad_rows
 
@@ -264,7 +271,9 @@ class SmolLM2Bench:
     ``"ft-nmst"`` (:meth:`load_variant`); other benchmarks fine-tune any :class:`Head` under their own names
     (:meth:`finetune`) or continue a fine-tune with their own update rule (:meth:`train_updates`). Takes the
     model from :func:`load_smollm2` (or any transformers Llama-style causal LM, e.g. a tiny one in tests);
-    weights, checkpoints and perplexity records go to ``folder``.
+    weights, checkpoints and perplexity records go to ``folder``. Under ``torchrun`` every process builds its
+    own bench with the same arguments and calls the same methods (see the module docstring); a progress bar
+    shows on rank 0 only.
     """
 
     def __init__(
@@ -272,7 +281,9 @@ class SmolLM2Bench:
         progress: bool,
     ) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
-        self.settings, self.data, self.folder, self.seed, self.progress = settings, data, folder, seed, progress
+        self.ranks = current_ranks()
+        self.settings, self.data, self.folder, self.seed = settings, data, folder, seed
+        self.progress = progress and self.ranks.main
         self.eos = int(self.tokenizer.eos_token_id)
         self.split = self.model.config.num_hidden_layers - settings.train_layers
         if not 0 <= self.split < self.model.config.num_hidden_layers:
@@ -330,14 +341,23 @@ class SmolLM2Bench:
         bf16 = which == "train" and self.settings.train_bf16
         return autocast(self.model.device.type, torch.bfloat16 if bf16 else None)
 
-    def _prefix(self, which: str) -> list[torch.Tensor]:
-        """Frozen-layer outputs of the ``train`` or ``evaluation`` batches, computed once."""
+    def _rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's block of ``batch``'s rows (all of them in one process; none when the batch has
+        fewer rows than there are processes)."""
+        first, stop = row_range(batch.shape[0], self.ranks)
+        return batch[first:stop]
+
+    def _prefix(self, which: str) -> list[torch.Tensor | None]:
+        """Frozen-layer outputs of this process's rows of the ``train`` or ``evaluation`` batches (None for a
+        batch where it has none), computed once; the whole batches' ids are kept as ``<which>_ids``."""
         if which not in self._prefixes:
             sequences = self.data.train if which == "train" else self.data.evaluation
             batches = _token_batches(sequences, batch_tokens=self.settings.batch_tokens, pad=self.eos)
-            bar = tqdm(batches, desc=f"smollm2 frozen layers ({which})", disable=not self.progress, leave=False)
+            shares = [self._rows(batch) for batch in batches]
+            bar = tqdm(shares, desc=f"smollm2 frozen layers ({which})", disable=not self.progress, leave=False)
             with self._precision(which):
-                self._prefixes[which] = [prefix_hidden(self.model, batch, self.split) for batch in bar]
+                self._prefixes[which] = [prefix_hidden(self.model, rows, self.split) if len(rows) else None
+                                         for rows in bar]  # fmt: skip
             self._prefixes[which + "_ids"] = batches
         return self._prefixes[which]
 
@@ -350,8 +370,11 @@ class SmolLM2Bench:
         return log_probs
 
     def _batch_nll(self, index: int, which: str, head: Head, context_len: int) -> tuple[torch.Tensor, int]:
-        """Summed NLL of batch ``index``'s scored tokens and their count (graph kept for training)."""
-        ids = self._prefixes[which + "_ids"][index]  # [B, T]
+        """Summed NLL of the scored tokens of this process's rows of batch ``index``, and their count (graph
+        kept for training)."""
+        ids = self._rows(self._prefixes[which + "_ids"][index])  # [B, T]
+        if len(ids) == 0:  # no rows here: a zero that still gives every trainable weight a (zero) gradient
+            return sum(parameter.sum() for parameter in self._trainable().values()) * 0.0, 0
         real = _real_tokens(ids, self.eos)
         labels = ids.masked_fill(~real, -100)
         labels[:, :context_len] = -100
@@ -367,13 +390,16 @@ class SmolLM2Bench:
         return -(picked * scored).sum(), int(scored.sum())
 
     def train_batch_nll(self, index: int, head: Head) -> tuple[torch.Tensor, int]:
-        """Summed NLL ``[]`` (with its graph) of train batch ``index``'s tokens under ``head``, and their count."""
+        """Summed NLL ``[]`` (with its graph) of train batch ``index``'s tokens under ``head``, and their count:
+        of this process's rows under ``torchrun`` (a zero and 0 when it has none), of all of them in one."""
         self._prefix("train")
         return self._batch_nll(index, "train", head, 0)
 
-    def train_batch_tokens(self, index: int) -> int:
-        """How many tokens :meth:`train_batch_nll` scores in train batch ``index`` (all but each line's first)."""
+    def train_batch_tokens(self, index: int, *, share: bool = False) -> int:
+        """How many tokens train batch ``index`` scores (all but each line's first); with ``share``, in this
+        process's rows only (the count :meth:`train_batch_nll` returns)."""
         ids = self._prefixes["train_ids"][index]
+        ids = self._rows(ids) if share else ids
         return int(_real_tokens(ids, self.eos).sum()) - ids.shape[0]
 
     def train_batch_count(self) -> int:
@@ -386,7 +412,7 @@ class SmolLM2Bench:
             self._set(self.pretrained)
             record_path = self.folder / "smollm2-pretrained.json"
             if not record_path.is_file():
-                write_json(record_path, {"test_perplexity": self.perplexity(Head()), "finetune_tokens": 0})
+                self.finish("smollm2-pretrained", {"test_perplexity": self.perplexity(Head()), "finetune_tokens": 0})
             return json.loads(record_path.read_text())
         return self.finetune(f"smollm2-{variant}", self.variant_head(variant))
 
@@ -406,8 +432,7 @@ class SmolLM2Bench:
                 "finetune_seconds": counts["seconds"], "finetune_cpu_seconds": counts["cpu_seconds"],
                 "trained_layers": self.settings.train_layers, "epsilon": head.epsilon,
             }  # fmt: skip
-            write_json(record_path, record)
-            self.finish(name)
+            self.finish(name, record)
         self.load_weights(name)
         return json.loads(record_path.read_text())
 
@@ -415,9 +440,13 @@ class SmolLM2Bench:
         """Put the weights saved as ``<folder>/<name>.pt`` in the model."""
         self._set(torch.load(self.folder / f"{name}.pt", map_location="cpu", weights_only=True))
 
-    def finish(self, name: str) -> None:
-        """Drop ``name``'s training checkpoint (call once its record is written)."""
-        (self.folder / f"{name}.ckpt.pt").unlink(missing_ok=True)
+    def finish(self, name: str, record: dict) -> None:
+        """Write ``record`` as ``<folder>/<name>.json`` and drop ``name``'s training checkpoint, if any (rank 0
+        under ``torchrun``; every process waits for the file)."""
+        if self.ranks.main:
+            write_json(self.folder / f"{name}.json", record)
+            (self.folder / f"{name}.ckpt.pt").unlink(missing_ok=True)
+        barrier(self.ranks)
 
     def _set(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -431,39 +460,52 @@ class SmolLM2Bench:
         The pretrained model's eos log-odds are ``z - c`` with ``z`` the eos logit and ``c`` the log-sum-exp
         of the other logits. NMST's sigmoid plays the role of p(eos): start it at ``z - median(c)``. ST's
         sigmoid is the probability to *continue*: start it at ``median(c) - z`` (eos row negated). The
-        median is over the first training batch's real positions. Vanilla keeps the pretrained row.
+        median is over the first training batch's real positions (under ``torchrun``, every process's ``c``
+        gathered). Vanilla keeps the pretrained row.
         """
         row = self.pretrained["lm_head.eos_weight"]
         if kind is None:
             return {"lm_head.eos_weight": row.clone(), "lm_head.eos_bias": torch.zeros(())}
-        ids = self._prefixes["train_ids"][0]
-        with self._precision("train"):
-            logits = top_logits(self.model, self._prefixes["train"][0], self.split)[_real_tokens(ids, self.eos)]
-        others = torch.cat([logits[:, : self.eos], logits[:, self.eos + 1 :]], dim=-1)
-        center = torch.logsumexp(others.float(), dim=-1).median()
+        ids = self._rows(self._prefixes["train_ids"][0])
+        log_others = torch.zeros(0)  # [positions]: c at this process's real positions
+        if len(ids):
+            with self._precision("train"):
+                logits = top_logits(self.model, self._prefixes["train"][0], self.split)[_real_tokens(ids, self.eos)]
+            others = torch.cat([logits[:, : self.eos], logits[:, self.eos + 1 :]], dim=-1)
+            log_others = torch.logsumexp(others.float(), dim=-1).cpu()
+        center = torch.cat(gather(log_others, self.ranks)).median()
         sign = 1.0 if kind == "nmst" else -1.0
         return {"lm_head.eos_weight": sign * row, "lm_head.eos_bias": -sign * center}
 
     @torch.no_grad()
     def perplexity(self, head: Head) -> float:
         """Perplexity of the loaded weights under ``head`` on the evaluation lines' continuations (after 10
-        tokens, where ``t`` of a self-terminating head starts)."""
+        tokens, where ``t`` of a self-terminating head starts); under ``torchrun`` every process scores its
+        rows and the sums are added up."""
         self.model.eval()
         self._prefix("evaluation")
         total, count = 0.0, 0
         for index in range(len(self._prefixes["evaluation"])):
             nll, n = self._batch_nll(index, "evaluation", head, CONTEXT_LEN)
             total, count = total + float(nll.detach()), count + n
-        return perplexity(total, count)
+        total, count = all_sum([total, count], self.ranks, device=backend_device(self.model.device))
+        return perplexity(total, round(count))
 
     def mle_update(self, head: Head) -> Update:
-        """The MLE update under ``head``: mean NLL of the batch, gradient norm clipped to 1, one AdamW step."""
+        """The MLE update under ``head``: mean NLL of the batch, gradient norm clipped to 1, one AdamW step.
+
+        Under ``torchrun`` each process's mean NLL is weighted by its share of the batch's tokens and the
+        gradients are averaged: the update of the whole batch's mean; the logs are the whole batch's."""
 
         def update(step: int, index: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
             del step, generator
             nll, n = self.train_batch_nll(index, head)
-            gradient_step(nll / n, optimizer, parameters=list(self._trainable().values()), clip=1.0)
-            return {"nll": float(nll.detach()), "tokens": n}
+            device = backend_device(self.model.device)
+            share, loss = share_weight(n, self.ranks, device=device), nll / max(n, 1)  # share: 1 in one process
+            gradient_step(loss if share == 1.0 else loss * share, optimizer,
+                          parameters=list(self._trainable().values()), clip=1.0)  # fmt: skip
+            total, tokens = all_sum([float(nll.detach()), n], self.ranks, device=device)
+            return {"nll": total, "tokens": round(tokens)}
 
         return update
 
@@ -472,13 +514,15 @@ class SmolLM2Bench:
         max_cpu_seconds: float | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Train the trainable weights from ``start`` with ``update`` (AdamW at ``settings.lr``) over the train
-        batches ``order``, stopping early once the updates' process CPU time reaches ``max_cpu_seconds``.
+        batches ``order``, stopping early once the updates' process CPU time reaches ``max_cpu_seconds``
+        (under ``torchrun`` each update counts the slowest process's time, so all stop after the same one).
 
         Resumes from ``<folder>/<name>.ckpt.pt`` (weights, optimizer, the update generator, counts; written
         atomically every ``settings.checkpoint_every`` updates and at the end) and saves the final weights as
-        ``<folder>/<name>.pt``. Returns ``steps``, ``tokens``, ``train_loss`` (mean NLL per token),
-        ``seconds`` / ``cpu_seconds`` (wall and process CPU time of the updates), ``stopped_by`` (``"order"``
-        or ``"cpu_seconds"``) and ``logs`` (every update's logs).
+        ``<folder>/<name>.pt`` (rank 0 writes both; a checkpoint resumes under any number of processes).
+        Returns ``steps``, ``tokens``, ``train_loss`` (mean NLL per token), ``seconds`` / ``cpu_seconds`` (wall
+        and process CPU time of the updates), ``stopped_by`` (``"order"`` or ``"cpu_seconds"``) and ``logs``
+        (every update's logs).
         """
         self._prefix("train")
         self._set(start)
@@ -505,8 +549,10 @@ class SmolLM2Bench:
 
         def save() -> None:
             done.update(step=position.updates, seconds=position.train_seconds, cpu_seconds=position.train_cpu_seconds)
-            atomic_save({"weights": self.weights(), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), **done}, checkpoint)  # fmt: skip
+            if self.ranks.main:  # every process holds the same state; one writes it
+                atomic_save({"weights": self.weights(), "optimizer": optimizer.state_dict(),
+                             "generator": generator.get_state(), **done}, checkpoint)  # fmt: skip
+            barrier(self.ranks)
 
         def spent() -> str | None:
             if position.updates >= len(order):
@@ -534,7 +580,9 @@ class SmolLM2Bench:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
-        atomic_save(self.weights(), self.folder / f"{name}.pt")
+        if self.ranks.main:
+            atomic_save(self.weights(), self.folder / f"{name}.pt")
+        barrier(self.ranks)
         return {"steps": position.updates, "tokens": done["count"], "train_loss": done["nll"] / max(done["count"], 1),
                 "seconds": position.train_seconds, "cpu_seconds": position.train_cpu_seconds, "stopped_by": stopped_by,
                 "logs": done["logs"]}  # fmt: skip

@@ -2,6 +2,7 @@
 
     python -m benchmarks.smollm2_frontier [--data-dir ../shared/data] [--out DIR] [--cache-dir DIR] [--seed 0]
         [--models 'ft-st-*'] [--threads N] [--no-progress] [--report-only] [--list]
+    torchrun --nproc-per-node N -m benchmarks.smollm2_frontier ...   # N CPU processes (gloo)
 
 SmolLM2-135M-Instruct (:mod:`benchmarks.smollm2`: WikiText-2 lines, first 10 tokens = prompt,
 the top ``train_layers`` layers, final norm and eos row trained over frozen lower layers) is fine-tuned from
@@ -19,6 +20,12 @@ reference, seq-rep-4 (:mod:`benchmarks.nontermination_cells`). Report: ``smollm2
 (:mod:`benchmarks.smollm2_frontier_report`). Fine-tunes (checkpointed), records and decoded cells are cached
 atomically under ``$CONSISTENT_DECODING_CACHE/smollm2-frontier/<settings hash>``, so an interrupted run
 resumes where it stopped.
+
+Under ``torchrun`` the processes share every batch's rows (:class:`benchmarks.smollm2.SmolLM2Bench`), the MGS
+prompts and each cell's prompts, so fine-tunes, perplexities and cells are a one-process run's (to float
+rounding) and rank 0 writes the cache, which any number of processes resumes. The continuations' CPU-time
+budget counts each update at the slowest process's time, so it buys more updates with more processes: their
+records carry the process count, and the report refuses to mix counts.
 
 Cost on this 2-core CPU, estimated (not yet run) from the committed quick run and short measurements taken
 while another job loaded the machine (so on the slow side): a fine-tune step costs 0.80 / 0.98 / 1.35 ms per
@@ -46,10 +53,11 @@ import torch
 
 from benchmarks import smollm2
 from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
-                               one_process_only, select, set_threads, settings_key, write_json)
+                               select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
-from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_cell, load_cell, save_cell
+from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
+from training.distributed import barrier, current_ranks, init_distributed, row_range
 from training.mgs import MGSConfig, MGSStep
 from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
 
@@ -162,20 +170,31 @@ def continuation_order(bench: SmolLM2Bench, *, seed: int, passes: int = 1000) ->
 
 
 def mgs_update(bench: SmolLM2Bench, settings: ContinuationSettings, *, seed: int):
-    """The MGS update of the vanilla head: MLE direction on the train batch, cost on short lines' decodes."""
-    head = Head()
+    """The MGS update of the vanilla head: MLE direction on the train batch, cost on short lines' decodes.
+
+    Under ``torchrun`` each process takes its rows of the train batch and its block of the prompts, and
+    :class:`~training.mgs.MGSStep` averages the gradient and the costs: the one-process update."""
+    head, ranks = Head(), current_ranks()
 
     def loss(model: torch.nn.Module, index: int) -> torch.Tensor:
         nll, count = bench.train_batch_nll(index, head)
-        return nll / count
+        return nll / max(count, 1)  # 0 rows here under torchrun: 0, weighted 0
 
     task = PromptTask(loss=loss, eos_token_id=bench.eos, pad_token_id=bench.eos, cost=mean_cost(settings.cost),
-                      max_length_factor=settings.length_factor)  # fmt: skip
+                      max_length_factor=settings.length_factor,
+                      weight=lambda index: bench.train_batch_tokens(index, share=True))  # fmt: skip
     step_rule, pool = MGSStep(task, settings.mgs), decode_pool(bench, settings, seed=seed)
+    rows = min(settings.decode_rows, len(pool))
+    if rows < ranks.size:
+        raise ValueError(f"{rows} prompts per MGS update cannot be shared by {ranks.size} processes: raise "
+                         "continuation.decode_rows or use fewer processes")
 
     def update(step: int, index: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
         prompts = prompts_for_update(pool, step, settings.decode_rows)
-        logs = step_rule(bench.model, PromptTaskBatch(index, prompts), optimizer, generator=generator)
+        batch = PromptTaskBatch(index, prompts)
+        if ranks.distributed:
+            batch = batch.rows(*row_range(len(prompts), ranks))
+        logs = step_rule(bench.model, batch, optimizer, generator=generator)
         count = bench.train_batch_tokens(index)
         return {"nll": logs["mle_loss"] * count, "tokens": count, "max_new_tokens": task.max_new_tokens(prompts), **logs}
 
@@ -197,6 +216,7 @@ def run_continuation(bench: SmolLM2Bench, name: str, base: dict, settings: Front
             **base, "test_perplexity": bench.perplexity(Head()), "start": VANILLA,
             "method": "mle" if name == MLE_CONTINUATION else "mgs",
             "continuation": {"budget_cpu_seconds": config.cpu_seconds, "max_updates": config.max_updates,
+                             "processes": current_ranks().size,
                              "updates": counts["steps"], "tokens": counts["tokens"], "seconds": counts["seconds"],
                              "cpu_seconds": counts["cpu_seconds"], "train_loss": counts["train_loss"],
                              "stopped_by": counts["stopped_by"]},
@@ -206,8 +226,7 @@ def run_continuation(bench: SmolLM2Bench, name: str, base: dict, settings: Front
                 {key: log[key] for key in ("cost_before", "cost_best", "weight_mle", "ess", "mle_loss", "max_new_tokens")}
                 for log in counts["logs"]
             ]  # fmt: skip
-        write_json(record_path, record)
-        bench.finish(name)
+        bench.finish(name, record)
     bench.load_weights(name)
     return json.loads(record_path.read_text())
 
@@ -226,21 +245,12 @@ class FrontierResult:
 
 def _decode_missing(bench: SmolLM2Bench, name: str, head: Head, root: Path, settings: FrontierSettings,
                     progress: bool) -> None:  # fmt: skip
-    model = bench.decodable(head)
-    for decoder in settings.decoders:
-        path = cell_file(root / "cells", name, decoder)
-        if path.is_file():
-            continue
-        result = decode_cell(
-            model, bench.data.prompts, model_name=name, decoder=DECODERS[decoder], eos_token_id=bench.eos,
-            pad_token_id=bench.eos, max_new_tokens=settings.max_new_tokens,
-            reference_lengths=bench.data.reference_lengths, sample_sets=settings.sample_sets, seed=settings.seed,
-            batch_size=settings.batch_prompts, progress=progress,
-        )  # fmt: skip
-        save_cell(result, path)
-        summary = result.summary()
-        say(f"[cell] {name} / {decoder}: r_L={summary['nontermination']:.3f} len={summary['mean_length']:.1f} "
-             f"({result.seconds:.0f} s)")  # fmt: skip
+    decode_missing_cells(
+        bench.decodable(head), bench.data.prompts, model_name=name, decoders=settings.decoders, folder=root / "cells",
+        eos_token_id=bench.eos, pad_token_id=bench.eos, max_new_tokens=settings.max_new_tokens,
+        reference_lengths=bench.data.reference_lengths, sample_sets=settings.sample_sets, seed=settings.seed,
+        batch_size=settings.batch_prompts, progress=progress,
+    )  # fmt: skip
 
 
 def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
@@ -256,7 +266,10 @@ def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_
         return
     model, tokenizer = smollm2.load_smollm2()
     data = smollm2.load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
-    write_json(root / "evaluation_lengths.json", [len(line) - CONTEXT_LEN for line in data.evaluation])
+    ranks = current_ranks()
+    if ranks.main:
+        write_json(root / "evaluation_lengths.json", [len(line) - CONTEXT_LEN for line in data.evaluation])
+    barrier(ranks)
     bench = SmolLM2Bench(model, tokenizer, settings.smol, data, folder=root / "models", seed=settings.seed,
                          progress=progress)  # fmt: skip
     for name in wanted:
@@ -273,9 +286,12 @@ def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir:
                  progress: bool = True, compute: bool = True) -> FrontierResult:  # fmt: skip
     """Compute what the cache lacks for ``models`` (unless ``compute`` is False) and gather the results."""
     root = Path(cache_dir) / cache_key(settings)
-    (root / "cells").mkdir(parents=True, exist_ok=True)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    write_json(root / "settings.json", asdict(settings))
+    ranks = current_ranks()
+    if ranks.main:
+        (root / "cells").mkdir(parents=True, exist_ok=True)
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        write_json(root / "settings.json", asdict(settings))
+    barrier(ranks)
     if compute:
         _compute(settings, models, root=root, data_dir=data_dir, progress=progress)
     result = FrontierResult(settings)
@@ -309,7 +325,7 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    one_process_only("python -m benchmarks.smollm2_frontier")
+    ranks = init_distributed("cpu")  # SmolLM2 runs on the CPU; a group of one without torchrun
     settings = replace(settings or FrontierSettings(), seed=args.seed)
     set_threads(parser, args.threads)
     if args.list:
@@ -322,6 +338,8 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
     start = time.perf_counter()
     result = run_frontier(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
                           models=models, progress=not args.no_progress, compute=not args.report_only)  # fmt: skip
+    if not ranks.main:
+        return result
     command = command_line("benchmarks.smollm2_frontier", argv)
     written = write_report(args.out, result, command=command, env=run_environment(), wall_seconds=time.perf_counter() - start)
     say("wrote " + ", ".join(str(path) for path in written))

@@ -4,7 +4,7 @@ One row per model: test perplexity (and its ratio to ``ft-vanilla``'s), the perp
 on p(eos) costs on the test lines' lengths (:func:`training.perplexity_tax`), and per
 decoder r_L, the mean length ratio to the reference and seq-rep-4, with the fine-tuning time. Models are
 comparable only at equal compute: :func:`check_budgets` refuses records fine-tuned on different token budgets
-or layer counts, and continuations with different update budgets.
+or layer counts, and continuations with different update budgets or numbers of processes.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ MOONSHOT = {"greedy_nontermination": 0.05, "perplexity_ratio": 1.02, "greedy_len
 
 def check_budgets(records: dict[str, dict]) -> None:
     """Raise ValueError unless every record was fine-tuned on the same tokens and layers, and every
-    continuation had the same update budget: a frontier compares models at equal compute only."""
+    continuation had the same update budget under the same number of processes (under torchrun a CPU-time
+    budget buys more updates): a frontier compares models at equal compute only."""
     for key in ("finetune_tokens", "trained_layers"):
         values = {name: record.get(key) for name, record in records.items()}
         if len(set(values.values())) > 1:
             raise ValueError(f"models fine-tuned with different {key} cannot share one frontier: {values}")
-    budgets = {name: (r["continuation"]["budget_cpu_seconds"], r["continuation"]["max_updates"])
+    budgets = {name: (r["continuation"]["budget_cpu_seconds"], r["continuation"]["max_updates"],
+                      r["continuation"].get("processes", 1))  # records from before torchrun: one process
                for name, r in records.items() if r.get("continuation")}  # fmt: skip
     if len(set(budgets.values())) > 1:
-        raise ValueError(f"continuations with different update budgets cannot share one frontier: {budgets}")
+        raise ValueError(f"continuations with different update budgets (CPU seconds, max updates, processes) cannot "
+                         f"share one frontier: {budgets}")
 
 
 def frontier_rows(records: dict[str, dict], cells: Sequence[CellResult], lengths: Sequence[int] | None) -> list[dict]:

@@ -1,7 +1,8 @@
 """training.distributed and its users under two gloo processes: sharded cells equal one process's, MLE with
 DistributedDataParallel equals one process on the whole batch, checkpoints resume under another number of
 processes, and the non-termination benchmark resumes a one-process cache with two processes (and back)
-without recomputing a cell."""
+without recomputing a cell; the SmolLM2 bench (a tiny Llama) fine-tunes, scores, decodes and runs MGS on two
+processes as on one, and the frontier benchmark runs on two and resumes on one."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.nontermination_cells import DECODERS, cell_units, decode_cell
+from benchmarks.nontermination_cells import DECODERS, cell_units, decode_cell, decode_missing_cells
+from benchmarks.smollm2 import Head, SmolData, SmolLM2Bench, SmolSettings
 from decoding.models import lstm_lm
 from training.distributed import Ranks, all_sum, current_ranks, gather, row_range, shard
 from training.lm import collate_lm_batch, train_lm
 
 from .processes import run_in_processes
+from .tiny_models import tiny_smollm2
 
 EOS, PAD, VOCAB = 2, 0, 12
 CELL_DECODERS = ("greedy", "beam-2", "ancestral", "nucleus-0.4", "consistent-top-k-2")
@@ -358,3 +361,157 @@ def test_mt_bleu_runs_under_two_processes_and_resumes_across_process_counts(tmp_
     again = mt_bleu.main(_mt_bleu_arguments(tmp_path))  # one process: everything comes from the cache
     assert [path.stat().st_mtime_ns for path in cached] == stamps
     assert again["runs"] == report["runs"]
+
+
+# ------------------------------------------------------------- SmolLM2 (a tiny random Llama stands in)
+SMOL_HEAD = Head("st", 0.2)  # fine-tuned: eos_init gathers every process's rows of the first batch
+SMOL_DECODERS = ("greedy", "consistent-nucleus-0.4")
+
+
+def _smol_bench(folder: Path) -> SmolLM2Bench:
+    """tiny_smollm2 on random lines in batches of 1 to 6 rows: the longest line is a batch of its own, where
+    one of two processes has no row."""
+    generator = torch.Generator().manual_seed(7)
+
+    def lines(lengths: list[int]) -> list[list[int]]:
+        return [torch.randint(3, 64, (n - 1,), generator=generator).tolist() + [2] for n in lengths]
+
+    data = SmolData(train=lines([12, 15, 18, 20, 22, 25, 28, 30, 33, 36, 40, 90]),
+                    evaluation=lines([14, 19, 24, 31, 38, 70]),
+                    prompts=torch.randint(3, 64, (5, 10), generator=generator), reference_lengths=[4, 7, 9, 12, 5])
+    # float32: under bfloat16 autocast each process's weight gradients are rounded to bfloat16 before they are
+    # summed, which moves Adam's updates by more than float32 rounding
+    settings = SmolSettings(prompts=5, train_layers=1, epsilon=0.2, lr=1e-2, batch_tokens=128, checkpoint_every=2,
+                            train_bf16=False)  # fmt: skip
+    model, tokenizer = tiny_smollm2()
+    return SmolLM2Bench(model, tokenizer, settings, data, folder=folder, seed=0, progress=False)
+
+
+def _finetune_order(bench: SmolLM2Bench) -> list[int]:
+    """The batch order :meth:`SmolLM2Bench.finetune` visits."""
+    return torch.randperm(bench.train_batch_count(), generator=torch.Generator().manual_seed(bench.seed)).tolist()
+
+
+def _smol_run(folder: Path) -> dict:
+    """What the SmolLM2 tests compare, from one process or from each of a group: the pretrained perplexity,
+    two cells, the first 3 updates of the ``ft-st`` fine-tune (its checkpoint left behind, as by a killed run),
+    a whole fine-tune and two MGS continuation updates."""
+    from benchmarks.smollm2_frontier import ContinuationSettings, mgs_update
+    from training.mgs import MGSConfig
+
+    bench = _smol_bench(folder)
+    found = {"perplexity": bench.load_variant("pretrained")["test_perplexity"], "pretrained": bench.pretrained}
+    decode_missing_cells(bench.decodable(Head()), bench.data.prompts, model_name="tiny",
+                         decoders=SMOL_DECODERS, folder=folder / "cells", eos_token_id=2, pad_token_id=2,
+                         max_new_tokens=12, reference_lengths=bench.data.reference_lengths, sample_sets=2, seed=5,
+                         batch_size=2, progress=False)  # fmt: skip
+    order = _finetune_order(bench)
+    start = {**bench.pretrained, **bench.eos_init(SMOL_HEAD.kind)}
+    part = bench.train_updates("ft-st", start=start, order=order[:3], update=bench.mle_update(SMOL_HEAD))
+    found["part"] = {"weights": bench.weights(), "tokens": part["tokens"], "train_loss": part["train_loss"]}
+    found["finetune"] = {"record": bench.finetune("ft-whole", SMOL_HEAD), "weights": bench.weights()}
+    settings = ContinuationSettings(mgs=MGSConfig(num_candidates=2, sigma=30.0), decode_rows=3, max_reference_tokens=40)
+    mgs = bench.train_updates("mgs", start=bench.pretrained, order=[3, 0], update=mgs_update(bench, settings, seed=0))
+    found["mgs"] = {"weights": bench.weights(), "logs": mgs["logs"]}
+    return found
+
+
+def _smol_in_process(rank: int, folder: str) -> None:
+    torch.save(_smol_run(Path(folder)), Path(folder) / f"found.{rank}.pt")
+
+
+def _cells_in(folder: Path) -> dict[str, dict]:
+    return {path.name: {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
+            for path in sorted((folder / "cells").glob("*.json"))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smol_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The SmolLM2 run in one process (``one``) and in two (``two``: rank 0's, ``two_rank1``), and the folder
+    the two processes wrote (``two_folder``)."""
+    one, two = tmp_path_factory.mktemp("smol-one"), tmp_path_factory.mktemp("smol-two")
+    alone = _smol_run(one)
+    run_in_processes(_smol_in_process, 2, str(two))
+    return {"one": alone, "one_folder": one, "two": torch.load(two / "found.0.pt", weights_only=False),
+            "two_rank1": torch.load(two / "found.1.pt", weights_only=False), "two_folder": two}
+
+
+def test_smollm2_perplexity_under_two_processes_equals_one_process(smol_runs: dict) -> None:
+    assert smol_runs["two"]["perplexity"] == pytest.approx(smol_runs["one"]["perplexity"], rel=1e-6)
+    assert smol_runs["two_rank1"]["perplexity"] == smol_runs["two"]["perplexity"]
+
+
+def test_smollm2_cells_under_two_processes_equal_one_process(smol_runs: dict) -> None:
+    alone = _cells_in(smol_runs["one_folder"])
+    assert sorted(alone) == ["tiny__consistent-nucleus-0.4.draws2.json", "tiny__greedy.json"]
+    assert len(set(alone["tiny__consistent-nucleus-0.4.draws2.json"]["lengths"])) > 2  # rows stop at different steps
+    assert alone["tiny__greedy.json"]["distinct"] == [1.0]  # every prompt its own continuation
+    assert _cells_in(smol_runs["two_folder"]) == alone
+
+
+def test_smollm2_fine_tune_under_two_processes_equals_one_process_and_resumes_in_one(smol_runs: dict) -> None:
+    one, two = smol_runs["one"], smol_runs["two"]
+    assert not torch.equal(one["part"]["weights"]["model.norm.weight"], one["pretrained"]["model.norm.weight"])
+    for run in ("part", "finetune"):
+        _assert_same_weights(two[run]["weights"], one[run]["weights"])
+        _assert_same_weights(smol_runs["two_rank1"][run]["weights"], two[run]["weights"])
+    assert two["part"]["tokens"] == one["part"]["tokens"]
+    assert two["part"]["train_loss"] == pytest.approx(one["part"]["train_loss"], rel=1e-6)
+    record, alone = two["finetune"]["record"], one["finetune"]["record"]
+    assert record["finetune_tokens"] == alone["finetune_tokens"] and record["finetune_steps"] == alone["finetune_steps"]
+    for key in ("finetune_train_loss", "test_perplexity"):
+        assert record[key] == pytest.approx(alone[key], rel=1e-5), key
+    bench = _smol_bench(smol_runs["two_folder"])  # one process resumes the two processes' checkpoint of ft-st
+    assert torch.load(smol_runs["two_folder"] / "ft-st.ckpt.pt", weights_only=True)["step"] == 3
+    resumed = bench.finetune("ft-st", SMOL_HEAD)
+    _assert_same_weights(bench.weights(), one["finetune"]["weights"])
+    assert resumed["finetune_tokens"] == alone["finetune_tokens"]
+    assert resumed["finetune_train_loss"] == pytest.approx(alone["finetune_train_loss"], rel=1e-5)
+
+
+def test_smollm2_mgs_continuation_under_two_processes_equals_one_process(smol_runs: dict) -> None:
+    one, two = smol_runs["one"]["mgs"], smol_runs["two"]["mgs"]
+    assert len({log["cost_before"] for log in one["logs"]} | {log["cost_best"] for log in one["logs"]}) > 1
+    _assert_same_weights(two["weights"], one["weights"])
+    assert two["logs"] == [pytest.approx(log, rel=1e-5) for log in one["logs"]]
+
+
+def _frontier(tmp: Path) -> object:
+    """benchmarks.smollm2_frontier on WikiText-2 with the tiny Llama for SmolLM2 (test_smollm2_frontier's
+    settings; MGS prompts from lines long enough that two processes share three of them)."""
+    import benchmarks.smollm2_frontier as frontier
+
+    from .test_smollm2_frontier import TINY
+
+    settings = replace(TINY, continuation=replace(TINY.continuation, max_reference_tokens=300))
+    return frontier.main(["--data-dir", str(DATA), "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache"),
+                          "--no-progress"], settings=settings)  # fmt: skip
+
+
+def _frontier_in_process(rank: int, tmp: str) -> None:
+    import benchmarks.smollm2 as smol_module
+
+    smol_module.load_smollm2 = tiny_smollm2  # a fresh interpreter: nothing to restore
+    _frontier(Path(tmp))
+
+
+@needs_data
+def test_smollm2_frontier_runs_under_two_processes_and_one_process_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.nontermination_cells as cells_module
+    import benchmarks.smollm2 as smol_module
+
+    run_in_processes(_frontier_in_process, 2, str(tmp_path))
+    report = json.loads((tmp_path / "out" / "smollm2-frontier.json").read_text())
+    names = ["ft-vanilla", "ft-st-2e-1", "ft-nmst-2e-1", "ft-vanilla+mle", "ft-vanilla+mgs"]
+    assert [row["model"] for row in report["frontier"]] == names
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed a cached result")
+
+    monkeypatch.setattr(smol_module, "load_smollm2", forbidden)
+    monkeypatch.setattr(cells_module, "decode_cell", forbidden)
+    again = _frontier(tmp_path)  # one process: everything comes from the two processes' cache
+    assert list(again.records) == names and not again.missing
+    assert {again.records[name]["continuation"]["processes"] for name in names[3:]} == {2}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks.nontermination_cells as cells_module
 import benchmarks.nontermination_report as report_module
 import benchmarks.smollm2 as smol_module
 import benchmarks.nontermination_words as words_module
@@ -165,7 +166,7 @@ def test_word_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest
         raise AssertionError("recomputed a cached result")
 
     monkeypatch.setattr(words_module, "train_lm", forbidden)
-    monkeypatch.setattr(nt, "decode_cell", forbidden)
+    monkeypatch.setattr(cells_module, "decode_cell", forbidden)
     again = _run(tmp_path, models, decoders="greedy,beam-*")
     assert [(c.model, c.decoder) for c in again.cells] == [
         (m, d) for m in models.split(",") for d in ("greedy", "beam-2", "beam-4")

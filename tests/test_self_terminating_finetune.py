@@ -145,3 +145,16 @@ def test_mean_cost_and_prompt_task_checks() -> None:
         PromptTask(loss=lambda m, b: m(**b).loss, eos_token_id=0, pad_token_id=0, cost="bleu")
     with pytest.raises(ValueError, match="reference_lengths"):
         Prompts(torch.ones(2, 3, dtype=torch.long), torch.tensor([1]))
+
+
+def test_a_share_of_prompts_keeps_the_whole_batch_cap() -> None:
+    task = PromptTask(loss=lambda m, b: m(**b).loss, eos_token_id=0, pad_token_id=0, weight=len)
+    prompts = Prompts(torch.arange(8).view(4, 2), torch.tensor([2, 8, 3, 1]))
+    share = PromptTaskBatch([1, 2, 3], prompts).rows(2, 4)
+    assert share.prompts.input_ids.tolist() == [[4, 5], [6, 7]] and share.prompts.reference_lengths.tolist() == [3, 1]
+    assert task.max_new_tokens(share.prompts) == task.max_new_tokens(prompts) == 12  # 1.5 x 8, not 1.5 x 3
+    assert task.loss_weight(share) == 3.0  # weight of the whole mle part: the loss shares it itself
+    with pytest.raises(ValueError, match="a share needs a prompt"):
+        prompts.rows(2, 2)
+    with pytest.raises(TypeError, match="needs weight="):
+        PromptTask(loss=task.loss, eos_token_id=0, pad_token_id=0).loss_weight(share)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.nontermination_cells as cells_module
 import benchmarks.smollm2 as smol_module
 import benchmarks.smollm2_frontier as frontier
 from benchmarks.smollm2 import SmolSettings
@@ -68,7 +69,7 @@ def test_frontier_code_path_with_a_tiny_llama(tmp_path: Path, monkeypatch: pytes
         raise AssertionError("recomputed a cached result")
 
     monkeypatch.setattr(smol_module, "load_smollm2", forbidden)
-    monkeypatch.setattr(frontier, "decode_cell", forbidden)
+    monkeypatch.setattr(cells_module, "decode_cell", forbidden)
     again = _run(tmp_path, "--models", "ft-vanilla*")
     assert list(again.records) == ["ft-vanilla", "ft-vanilla+mle", "ft-vanilla+mgs"]
     assert again.records["ft-vanilla+mgs"] == result.records["ft-vanilla+mgs"]

@@ -6,6 +6,10 @@ prompts of one length and their reference continuation lengths (``prompts``), so
 decoded cost may come from different lines (long lines for the likelihood, short ones whose decodes are
 cheap to cap). Costs are token-level (:data:`TOKEN_COSTS`); several are averaged with :func:`mean_cost`.
 
+Under ``torchrun`` each process decodes its share of the prompts (:meth:`PromptTaskBatch.rows`, capped as the
+whole batch is: greedy rows decode alike in any batch) and weights its loss by ``weight`` (what ``loss``
+averages over in its share), so :class:`~training.mgs.MGSStep` makes the one-process update.
+
 Example::
 
     task = PromptTask(loss=lambda model, batch: model(**batch).loss, eos_token_id=eos, pad_token_id=eos,
@@ -47,10 +51,12 @@ def mean_cost(names: Sequence[str]) -> Cost:
 @dataclass(frozen=True)
 class Prompts:
     """``B`` prompts of one length, ``input_ids [B, P]`` (no padding), and ``reference_lengths [B]``, the
-    tokens of their reference continuations (eos included)."""
+    tokens of their reference continuations (eos included). ``whole_longest_reference``: on a share of a
+    batch (:meth:`rows`), the longest reference of the whole batch; None on a whole batch."""
 
     input_ids: torch.LongTensor
     reference_lengths: torch.LongTensor
+    whole_longest_reference: int | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.reference_lengths.shape != self.input_ids.shape[:1]:
@@ -59,6 +65,23 @@ class Prompts:
         if bool((self.reference_lengths < 1).any()):
             raise ValueError("reference_lengths must be >= 1 (eos included)")
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def longest_reference(self) -> int:
+        """Tokens of the longest reference of the whole batch these prompts are or are part of."""
+        if self.whole_longest_reference is not None:
+            return self.whole_longest_reference
+        return int(self.reference_lengths.max())
+
+    def rows(self, first: int, stop: int) -> Prompts:
+        """Prompts ``first .. stop - 1`` (one process's share under torchrun), keeping the whole batch's
+        longest reference."""
+        if not 0 <= first < stop <= len(self):
+            raise ValueError(f"rows({first}, {stop}): need 0 <= first < stop <= {len(self)} (a share needs a prompt)")
+        return Prompts(self.input_ids[first:stop], self.reference_lengths[first:stop], self.longest_reference)
+
 
 @dataclass(frozen=True)
 class PromptTaskBatch:
@@ -66,6 +89,11 @@ class PromptTaskBatch:
 
     mle: Any
     prompts: Prompts
+
+    def rows(self, first: int, stop: int) -> PromptTaskBatch:
+        """This batch with prompts ``first .. stop - 1`` (:meth:`Prompts.rows`); ``mle`` is passed on whole:
+        ``loss`` and ``weight`` take a process's share of it themselves."""
+        return PromptTaskBatch(self.mle, self.prompts.rows(first, stop))
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,8 @@ class PromptTask:
             text (BLEU) are refused: this task decodes no text.
         max_length_factor: greedy decodes stop after ``ceil(factor * longest reference)`` new tokens; a row
             without eos by then counts as not terminated.
+        weight: ``weight(batch.mle)``, what ``loss`` averages over (e.g. its scored tokens): under ``torchrun``
+            each process's loss is weighted by its share of the total (None: the task runs in one process only).
     """
 
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -86,6 +116,7 @@ class PromptTask:
     pad_token_id: int
     cost: str | Cost = "nontermination"
     max_length_factor: float = 1.5
+    weight: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cost, str) and self.cost not in TOKEN_COSTS:
@@ -94,8 +125,8 @@ class PromptTask:
             raise ValueError(f"max_length_factor must be > 0, got {self.max_length_factor}")
 
     def max_new_tokens(self, prompts: Prompts) -> int:
-        """The decode's length cap for ``prompts``."""
-        return max(1, math.ceil(self.max_length_factor * int(prompts.reference_lengths.max())))
+        """The decode's length cap for ``prompts`` (of the whole batch, on a share)."""
+        return max(1, math.ceil(self.max_length_factor * prompts.longest_reference))
 
     def decode(self, model: torch.nn.Module, prompts: Prompts) -> Decoded:
         """Greedy continuations of ``prompts`` (in eval mode; the model's mode is restored)."""
@@ -114,6 +145,13 @@ class PromptTask:
     def mle_loss(self, model: torch.nn.Module, batch: PromptTaskBatch) -> torch.Tensor:
         """``loss`` on ``batch.mle``."""
         return self.loss(model, batch.mle)
+
+    def loss_weight(self, batch: PromptTaskBatch) -> float:
+        """``weight`` of ``batch.mle``: what :meth:`mle_loss` averages over (asked under ``torchrun`` only)."""
+        if self.weight is None:
+            raise TypeError("under torchrun PromptTask needs weight=: what loss averages over in batch.mle "
+                            "(e.g. its scored tokens)")
+        return float(self.weight(batch.mle))
 
     def decode_costs(self, model: torch.nn.Module, batch: PromptTaskBatch, *, generator: torch.Generator | None
                      ) -> torch.Tensor:
