@@ -83,6 +83,19 @@ def write_json(path: Path, payload: Any, *, indent: int = 2) -> None:
 
 
 # --------------------------------------------------------------------------------------------- metadata
+def open_run_folder(root: Path, settings: Any) -> None:
+    """Make a cached run's ``cells/`` and ``models/`` folders and write its ``settings.json`` (a dataclass),
+    by rank 0 under torchrun; every process returns once they exist."""
+    from training.distributed import barrier, current_ranks
+
+    ranks = current_ranks()
+    if ranks.main:
+        (root / "cells").mkdir(parents=True, exist_ok=True)
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        write_json(root / "settings.json", asdict(settings))
+    barrier(ranks)
+
+
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that ran: ``python -m <module>`` and ``argv`` (default: this process's arguments)."""
     return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)

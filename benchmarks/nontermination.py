@@ -39,14 +39,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (REPO, add_run_arguments, command_line, format_epsilon, run_environment, say,
-                               select, set_threads, write_json)
+from benchmarks.common import (REPO, add_run_arguments, command_line, format_epsilon, open_run_folder, run_environment,
+                               say, select, set_threads)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
 from benchmarks.nontermination_words import WordModelSpec
-from training.distributed import barrier, current_ranks, init_distributed, local_device
+from training.distributed import init_distributed, local_device
 
 SMOL_VARIANTS = ("pretrained", "ft-vanilla", "ft-st", "ft-nmst")
 
@@ -176,12 +176,7 @@ def run_benchmark(
     ``device``: where the word models train and decode (not part of the cache key).
     """
     root = Path(cache_dir) / cache_key(settings)
-    ranks = current_ranks()
-    if ranks.main:
-        (root / "cells").mkdir(parents=True, exist_ok=True)
-        (root / "models").mkdir(parents=True, exist_ok=True)
-        write_json(root / "settings.json", asdict(settings))
-    barrier(ranks)
+    open_run_folder(root, settings)
     smol_decoders = [d for d in decoders if d in settings.smol_decoders]
     if compute:
         _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress,

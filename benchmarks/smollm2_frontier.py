@@ -46,14 +46,14 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from benchmarks import smollm2
-from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, run_environment, say,
-                               select, set_threads, settings_key, write_json)
+from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, open_run_folder,
+                               run_environment, say, select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
@@ -286,12 +286,7 @@ def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir:
                  progress: bool = True, compute: bool = True) -> FrontierResult:  # fmt: skip
     """Compute what the cache lacks for ``models`` (unless ``compute`` is False) and gather the results."""
     root = Path(cache_dir) / cache_key(settings)
-    ranks = current_ranks()
-    if ranks.main:
-        (root / "cells").mkdir(parents=True, exist_ok=True)
-        (root / "models").mkdir(parents=True, exist_ok=True)
-        write_json(root / "settings.json", asdict(settings))
-    barrier(ranks)
+    open_run_folder(root, settings)
     if compute:
         _compute(settings, models, root=root, data_dir=data_dir, progress=progress)
     result = FrontierResult(settings)
