@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Ranks", "init_distributed", "current_ranks", "local_device", "shard", "gather", "barrier", "all_sum",
-           "backend_device", "collective_device", "agreed_seconds", "global_mean", "global_max", "counts_of_all", "weight_of_counts", "share_weight", "row_range",
-           "average_gradients"]
+           "all_max", "backend_device", "collective_device", "agreed_seconds", "global_mean", "counts_of_all",
+           "weight_of_counts", "share_weight", "row_range", "average_gradients"]
 
 T = TypeVar("T")
 
@@ -130,13 +130,13 @@ def global_mean(mean: float, count: float, ranks: Ranks, *, device: torch.device
     return total / items if items > 0 else float("nan")
 
 
-def global_max(value: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> float:
-    """The largest of every process's ``value``."""
+def all_max(values: Sequence[float], ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:
+    """The largest over processes of each of ``values`` (float64 on ``device``, the backend's device)."""
     if not ranks.distributed:
-        return float(value)
-    largest = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    largest = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return float(largest)
+    return largest.tolist()
 
 
 def collective_device() -> torch.device:
@@ -149,11 +149,7 @@ def collective_device() -> torch.device:
 def agreed_seconds(seconds: Sequence[float], ranks: Ranks) -> list[float]:
     """Each of ``seconds`` (e.g. an update's wall and CPU time), the largest over the processes: a clock
     every process reads alike, so time budgets stop them all after the same update."""
-    if not ranks.distributed:
-        return [float(s) for s in seconds]
-    largest = torch.tensor([float(s) for s in seconds], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return largest.tolist()
+    return all_max(seconds, ranks, device=collective_device())
 
 
 def counts_of_all(count: float, ranks: Ranks, *, device: torch.device | str = "cpu") -> list[float]:

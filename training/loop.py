@@ -329,8 +329,8 @@ def train(model: torch.nn.Module, step: UpdateStep, data: EncodedParallel, optim
                          "config.validate_at_start=True")
     ranks = current_ranks()
     if ranks.distributed and not getattr(step, "runs_distributed", False):
-        raise ValueError(f"step: {type(step).__name__} does not run under torchrun (MLEStep, MGSStep, MRTStep and PGStep do); "
-                         "run it in one process")
+        raise ValueError(f"step: {type(step).__name__} does not run under torchrun (MLEStep, MGSStep, MRTStep and "
+                         "PGStep do); run it in one process")
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state_path = directory / "state.pt" if directory is not None else None
     generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .distributed import Ranks, backend_device, current_ranks, global_max, global_mean, share_weight
+from .distributed import Ranks, all_max, backend_device, current_ranks, global_mean, share_weight
 from .parallel_text import Batch
 from .loop import gradient_step
 from .losses import MovingAverageBaseline, mrt_loss, pg_loss
@@ -114,7 +114,7 @@ class _SampledStep:
         ranks, host = current_ranks(), backend_device(next(model.parameters()).device)
         model.train()
         scores = self.task.hypothesis_scores(model, batch, decoded, num_samples=self.num_samples)
-        loss = self.loss(scores, costs, scale=global_max(float(costs.max()), ranks, device=host), ranks=ranks)
+        loss = self.loss(scores, costs, scale=all_max([float(costs.max())], ranks, device=host)[0], ranks=ranks)
         share = share_weight(len(batch), ranks, device=host)
         norm = _backward_and_step(model, loss if share == 1.0 else loss * share, optimizer, self.clip)
         return {"loss": global_mean(float(loss.detach()), len(batch), ranks, device=host),
