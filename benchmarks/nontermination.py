@@ -133,7 +133,8 @@ def _run_words(
 
 
 def _run_smollm2(
-    settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool
+    settings: Settings, models: list[str], decoders: list[str], *, root: Path, data_dir: str | None, progress: bool,
+    device: torch.device,
 ) -> None:
     from benchmarks import smollm2
 
@@ -145,7 +146,7 @@ def _run_smollm2(
         if not missing and (root / "models" / f"smollm2-{variant}.json").is_file():
             continue
         if bench is None:
-            model, tokenizer = smollm2.load_smollm2()
+            model, tokenizer = smollm2.load_smollm2(device=device)
             data = smollm2.load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
             bench = smollm2.SmolLM2Bench(model, tokenizer, settings.smol, data, folder=root / "models",
                                          seed=settings.seed, progress=progress)  # fmt: skip
@@ -173,7 +174,7 @@ def run_benchmark(
     """Train / fine-tune / decode whatever the cache lacks for ``models`` x ``decoders``; gather results.
 
     ``compute=False`` only gathers what the cache holds (``missing`` then lists the cells not run).
-    ``device``: where the word models train and decode (not part of the cache key).
+    ``device``: where the word models and SmolLM2 train and decode (not part of the cache key).
     """
     root = Path(cache_dir) / cache_key(settings)
     open_run_folder(root, settings)
@@ -182,7 +183,8 @@ def run_benchmark(
         _run_words(settings, models, decoders, root=root, data_dir=data_dir, progress=progress,
                    device=torch.device(device))
     if compute and smol_decoders and any(name in models for name in smol_names(settings)):
-        _run_smollm2(settings, models, smol_decoders, root=root, data_dir=data_dir, progress=progress)
+        _run_smollm2(settings, models, smol_decoders, root=root, data_dir=data_dir, progress=progress,
+                     device=torch.device(device))  # fmt: skip
     result = RunResult(settings)
     smol = smol_names(settings)
     for name in models:
@@ -288,10 +290,12 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     try:
         device = local_device(resolve_device(args.device))
         autocast = training_autocast(args.dtype, device, tier=settings.words.autocast)
+        smol_bf16 = training_autocast(args.dtype, device, tier="bfloat16" if settings.smol.train_bf16 else None)
     except ValueError as error:
         parser.error(str(error))
     ranks = init_distributed(device)  # a group of one without torchrun
-    settings = replace(settings, words=replace(settings.words, autocast=autocast))
+    settings = replace(settings, words=replace(settings.words, autocast=autocast),
+                       smol=replace(settings.smol, train_bf16=smol_bf16 == "bfloat16"))  # fmt: skip
     set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))
@@ -304,9 +308,6 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
         parser.error(str(error))
     if not args.report_only:
         problems = preflight(settings, models, args.data_dir)
-        if device.type != "cpu" and settings.smollm2 and any(name in models for name in smol_names(settings)):
-            problems.append(f"--device {device}: the SmolLM2 cells run on the CPU only for now; select the word "
-                            "models with --models, or use --device cpu")
         if problems:
             parser.error("cannot start, nothing was trained:\n  - " + "\n  - ".join(problems))
     start = time.perf_counter()

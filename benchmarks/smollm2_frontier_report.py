@@ -29,18 +29,20 @@ MOONSHOT = {"greedy_nontermination": 0.05, "perplexity_ratio": 1.02, "greedy_len
 
 def check_budgets(records: dict[str, dict]) -> None:
     """Raise ValueError unless every record was fine-tuned on the same tokens and layers, and every
-    continuation had the same update budget under the same number of processes (under torchrun a CPU-time
-    budget buys more updates): a frontier compares models at equal compute only."""
+    continuation had the same update budget under the same number of processes on the same kind of device
+    (under torchrun, or on a GPU, a CPU-time budget buys more updates): a frontier compares models at equal
+    compute only."""
     for key in ("finetune_tokens", "trained_layers"):
         values = {name: record.get(key) for name, record in records.items()}
         if len(set(values.values())) > 1:
             raise ValueError(f"models fine-tuned with different {key} cannot share one frontier: {values}")
     budgets = {name: (r["continuation"]["budget_cpu_seconds"], r["continuation"]["max_updates"],
-                      r["continuation"].get("processes", 1))  # records from before torchrun: one process
+                      r["continuation"].get("processes", 1),  # records from before torchrun: one process
+                      r["continuation"].get("device", "cpu"))  # and from before --device: the CPU
                for name, r in records.items() if r.get("continuation")}  # fmt: skip
     if len(set(budgets.values())) > 1:
-        raise ValueError(f"continuations with different update budgets (CPU seconds, max updates, processes) cannot "
-                         f"share one frontier: {budgets}")
+        raise ValueError(f"continuations with different update budgets (CPU seconds, max updates, processes, device) "
+                         f"cannot share one frontier: {budgets}")
 
 
 def frontier_rows(records: dict[str, dict], cells: Sequence[CellResult], lengths: Sequence[int] | None) -> list[dict]:

@@ -18,6 +18,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from benchmarks.nontermination_cells import DECODERS, decode_cell
+from benchmarks.smollm2 import Head, SmolLM2Bench, SmolSettings
+from benchmarks.smollm2_frontier import ContinuationSettings, mgs_update
 from decoding.generate import generate
 from decoding.models import rnn_lm
 from training.parallel_text import encode_parallel, read_parallel
@@ -31,7 +33,7 @@ from training.steps import MRTStep, PGStep
 from training.task import Seq2SeqTask
 from training.tokenizer import train_tokenizer
 
-from .tiny_models import EOS, PAD, VOCAB, left_padded_prompts, tiny_model
+from .tiny_models import EOS, PAD, VOCAB, left_padded_prompts, tiny_model, tiny_smol_data, tiny_smollm2
 
 
 class _NoMetaOutputs(TorchFunctionMode):
@@ -139,3 +141,52 @@ def test_the_benchmarks_cell_decode_stays_on_the_models_device():
                            pad_token_id=PAD, max_new_tokens=6, reference_lengths=[3, 4, 5, 6], sample_sets=2,
                            seed=0, batch_size=3, progress=False)
     assert cell.prompts == 4 and cell.sample_sets == 2
+
+
+def test_the_smollm2_bench_fine_tunes_scores_and_runs_mgs_on_the_models_device(tmp_path: Path):
+    """Host-side data (token lists, prompts) are made before; the bench, its head, batches, fine-tune,
+    perplexity and an MGS continuation (whose prompts are built on the host) must follow the model."""
+    model, tokenizer = tiny_smollm2()
+    data = tiny_smol_data()
+    settings = SmolSettings(prompts=5, train_layers=1, epsilon=0.2, batch_tokens=128, checkpoint_every=2)
+    with _default_device_elsewhere():
+        bench = SmolLM2Bench(model, tokenizer, settings, data, folder=tmp_path, seed=0, progress=False)
+        record = bench.finetune("ft-nmst", Head("nmst", 0.2))
+        continuation = ContinuationSettings(mgs=MGSConfig(num_candidates=2), decode_rows=3, max_reference_tokens=40)
+        mgs = bench.train_updates("mgs", start=bench.weights(), order=[0, 1], update=mgs_update(bench, continuation, seed=0))
+    assert record["finetune_steps"] == bench.train_batch_count() and record["test_perplexity"] > 1.0
+    assert mgs["steps"] == 2 and all(0.0 <= log["cost_before"] <= 1.0 for log in mgs["logs"])
+
+
+def test_prompt_task_decodes_on_the_models_device_whatever_the_prompts_device(monkeypatch):
+    """Prompts built on the host go to the model's device: a parameter on ``meta`` stands for a GPU."""
+    from training import prompt_costs
+
+    seen = []
+
+    def recording_decode(model, input_ids, attention_mask, **kwargs):
+        seen.append((input_ids.device, attention_mask.device))
+        raise StopIteration  # the devices are what this test checks
+
+    model = torch.nn.Linear(2, 2, device="meta")
+    monkeypatch.setattr(prompt_costs, "decode", recording_decode)
+    task = PromptTask(loss=model_loss, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(StopIteration):
+        task.decode(model, Prompts(torch.tensor([[5, 6], [8, 9]]), torch.tensor([3, 2])))
+    assert seen == [(torch.device("meta"), torch.device("meta"))]
+
+
+def test_a_smollm2_checkpoint_from_another_device_type_resumes_with_a_fresh_stream(tmp_path: Path):
+    """A CUDA generator's state cannot seed a CPU generator: resuming such a checkpoint keeps the weights
+    and counts and reseeds the update stream from the updates made."""
+    model, tokenizer = tiny_smollm2()
+    settings = SmolSettings(prompts=5, train_layers=1, epsilon=0.2, batch_tokens=128, checkpoint_every=2)
+    bench = SmolLM2Bench(model, tokenizer, settings, tiny_smol_data(), folder=tmp_path, seed=0, progress=False)
+    update, start = bench.mle_update(Head()), bench.weights()
+    bench.train_updates("run", start=start, order=[0, 1, 2], update=update)
+    checkpoint = tmp_path / "run.ckpt.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    saved.update(generator=torch.zeros(16, dtype=torch.uint8), generator_device="cuda")  # a CUDA state's shape
+    torch.save(saved, checkpoint)
+    resumed = bench.train_updates("run", start=start, order=[0, 1, 2, 3], update=update)
+    assert resumed["steps"] == 4 and len(resumed["logs"]) == 4  # three restored, one more made

@@ -71,6 +71,7 @@ def test_nontermination_dtype_sets_the_word_models_autocast_and_device_keeps_the
     assert nt.cache_key(_report_only(tmp_path, "--device", "cpu").settings) == nt.cache_key(nt.QUICK)
     float32 = _report_only(tmp_path, "--dtype", "float32").settings
     assert float32.words.autocast is None and nt.cache_key(float32) != nt.cache_key(nt.QUICK)
+    assert default.settings.smol.train_bf16 and not float32.smol.train_bf16  # --dtype covers SmolLM2 too
 
 
 def test_nontermination_refuses_a_missing_device_and_a_bad_dtype(tmp_path, no_cuda, capsys):

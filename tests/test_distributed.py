@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from benchmarks.nontermination_cells import DECODERS, cell_units, decode_cell, decode_missing_cells
-from benchmarks.smollm2 import Head, SmolData, SmolLM2Bench, SmolSettings
+from benchmarks.smollm2 import Head, SmolLM2Bench, SmolSettings
 from decoding.models import lstm_lm
 from training.distributed import Ranks, all_sum, current_ranks, gather, row_range, shard
 from training.lm import collate_lm_batch, train_lm
 
 from .processes import run_in_processes
-from .tiny_models import tiny_smollm2
+from .tiny_models import tiny_smol_data, tiny_smollm2
 
 EOS, PAD, VOCAB = 2, 0, 12
 CELL_DECODERS = ("greedy", "beam-2", "ancestral", "nucleus-0.4", "consistent-top-k-2")
@@ -371,14 +371,7 @@ SMOL_DECODERS = ("greedy", "consistent-nucleus-0.4")
 def _smol_bench(folder: Path) -> SmolLM2Bench:
     """tiny_smollm2 on random lines in batches of 1 to 6 rows: the longest line is a batch of its own, where
     one of two processes has no row."""
-    generator = torch.Generator().manual_seed(7)
-
-    def lines(lengths: list[int]) -> list[list[int]]:
-        return [torch.randint(3, 64, (n - 1,), generator=generator).tolist() + [2] for n in lengths]
-
-    data = SmolData(train=lines([12, 15, 18, 20, 22, 25, 28, 30, 33, 36, 40, 90]),
-                    evaluation=lines([14, 19, 24, 31, 38, 70]),
-                    prompts=torch.randint(3, 64, (5, 10), generator=generator), reference_lengths=[4, 7, 9, 12, 5])
+    data = tiny_smol_data()
     # float32: under bfloat16 autocast each process's weight gradients are rounded to bfloat16 before they are
     # summed, which moves Adam's updates by more than float32 rounding
     settings = SmolSettings(prompts=5, train_layers=1, epsilon=0.2, lr=1e-2, batch_tokens=128, checkpoint_every=2,

@@ -101,6 +101,38 @@ def test_report_refuses_to_mix_budgets() -> None:
                        "ft-vanilla+mgs": _record(200_000, budget=1200.0)})  # fmt: skip
 
 
+def test_report_refuses_continuations_on_different_devices() -> None:
+    on = {device: _record(200_000, budget=600.0) for device in ("cpu", "cuda")}
+    on["cuda"]["continuation"]["device"] = "cuda"
+    check_budgets({"ft-vanilla+mle": on["cpu"], "ft-vanilla+mgs": _record(200_000, budget=600.0)})  # old: the CPU
+    with pytest.raises(ValueError, match="different update budgets"):
+        check_budgets({"ft-vanilla+mle": on["cpu"], "ft-vanilla+mgs": on["cuda"]})
+
+
+def test_cli_refuses_a_missing_device_before_any_work(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(frontier.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        frontier.main(["--device", "cuda", "--list"], settings=TINY)
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_dtype_float32_turns_the_fine_tunes_bf16_off_and_changes_the_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    seen = []
+    monkeypatch.setattr(frontier, "run_frontier", lambda settings, **kwargs: seen.append((settings, kwargs)))
+    import benchmarks.smollm2_frontier_report as report_module
+
+    monkeypatch.setattr(report_module, "write_report", lambda *args, **kwargs: [])
+    for dtype in ("auto", "float32", "bfloat16"):
+        _run(tmp_path, "--device", "cpu", "--dtype", dtype)
+    (auto, auto_kw), (f32, _), (bf16, _) = seen
+    assert auto.smol.train_bf16 and bf16.smol.train_bf16 and not f32.smol.train_bf16  # auto: the tier's own
+    assert auto_kw["device"] == frontier.torch.device("cpu")
+    assert frontier.cache_key(auto) == frontier.cache_key(bf16) != frontier.cache_key(f32)
+
+
 def test_report_refuses_a_result_that_mixes_budgets(tmp_path: Path) -> None:
     result = frontier.FrontierResult(TINY, records={"ft-vanilla": _record(300), "ft-nmst-2e-1": _record(600)})
     env = {"commit": "x", "dirty": False, "machine": "m", "torch": "t", "torch_threads": 1, "date": "d"}

@@ -8,6 +8,8 @@ import torch
 from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
+from benchmarks.smollm2 import SmolData
+
 VOCAB = 64
 EOS, PAD = 1, 2
 DECODER_ONLY = ("gpt2", "llama")
@@ -76,12 +78,26 @@ class WordTokenizer:
         return {"input_ids": [3 + zlib.crc32(word.encode()) % 61 for word in text.split()]}
 
 
-def tiny_smollm2() -> tuple[LlamaForCausalLM, WordTokenizer]:
-    """``(model, tokenizer)`` standing in for :func:`benchmarks.smollm2.load_smollm2`: a
+def tiny_smollm2(*, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                 ) -> tuple[LlamaForCausalLM, WordTokenizer]:  # fmt: skip
+    """``(model, tokenizer)`` standing in for :func:`benchmarks.smollm2.load_smollm2` (same arguments): a
     2-layer Llama with tied embeddings whose eos is 2, as SmolLM2's."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0,
                          eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval(), WordTokenizer()
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval(), WordTokenizer()
+
+
+def tiny_smol_data() -> SmolData:
+    """Random lines for :func:`tiny_smollm2` (token ids 3..63, each ending in eos 2), batched by a bench with
+    ``batch_tokens=128`` into 1 to 6 rows: the longest line is a batch of its own."""
+    generator = torch.Generator().manual_seed(7)
+
+    def lines(lengths: list[int]) -> list[list[int]]:
+        return [torch.randint(3, 64, (n - 1,), generator=generator).tolist() + [2] for n in lengths]
+
+    return SmolData(train=lines([12, 15, 18, 20, 22, 25, 28, 30, 33, 36, 40, 90]),
+                    evaluation=lines([14, 19, 24, 31, 38, 70]),
+                    prompts=torch.randint(3, 64, (5, 10), generator=generator), reference_lengths=[4, 7, 9, 12, 5])

@@ -129,18 +129,21 @@ class PromptTask:
         return max(1, math.ceil(self.max_length_factor * prompts.longest_reference))
 
     def decode(self, model: torch.nn.Module, prompts: Prompts) -> Decoded:
-        """Greedy continuations of ``prompts`` (in eval mode; the model's mode is restored)."""
+        """Greedy continuations of ``prompts``, moved to the model's device (in eval mode; the model's mode
+        is restored)."""
+        device = next(model.parameters()).device
+        input_ids = prompts.input_ids.to(device)
         was_training = model.training
         model.eval()
         try:
-            hypotheses = decode(model, prompts.input_ids, torch.ones_like(prompts.input_ids),
+            hypotheses = decode(model, input_ids, torch.ones_like(input_ids),
                                 max_new_tokens=self.max_new_tokens(prompts), strategy="greedy",
                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # fmt: skip
         finally:
             model.train(was_training)
         rows = prompts.input_ids.shape[0]
         return Decoded(hypotheses, texts=[""] * rows, references=[""] * rows,
-                       reference_lengths=prompts.reference_lengths)  # fmt: skip
+                       reference_lengths=prompts.reference_lengths.to(device))  # fmt: skip
 
     def mle_loss(self, model: torch.nn.Module, batch: PromptTaskBatch) -> torch.Tensor:
         """``loss`` on ``batch.mle``."""
