@@ -43,6 +43,7 @@ import torch
 
 from benchmarks.common import REPO, one_process_only
 from benchmarks.datasets import prompt_batch
+from benchmarks.devices import resolve_device
 from benchmarks.speed_contenders import (STRATEGIES, WORKLOAD_STRATEGIES, fixed_length_contenders, generated_rows,
                                          generated_stats, normalise, workload_contenders)
 from benchmarks.speed_models import MODELS, Subject, load_subjects, wikitext_prompts
@@ -97,8 +98,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lstm-checkpoint", help="a trained LSTM (save_recurrent_lm file) instead of random weights")
     parser.add_argument("--repeats", type=int, help="alternating repeats per fixed-length cell (default: the plan's)")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 column")
+    parser.add_argument("--device", default=None,
+                        help="torch device for every model and input, e.g. cpu, cuda, cuda:1 (default: cuda when "
+                             "available, else cpu); decoding runs in float32")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for speed.md and speed.json")
     args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     unknown_models = set(args.models.split(",")) - set(MODELS)
     if unknown_models:
         parser.error(f"--models: unknown {sorted(unknown_models)}; choose from {', '.join(MODELS)}")
@@ -114,9 +122,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def fixed_ids(subject: Subject, prompts: list[list[str]], *, rows: int, width: int = 10) -> torch.LongTensor:
-    """``[rows, width]`` prompts without padding: the first ``width`` ids of the first long-enough prompts."""
+    """``[rows, width]`` prompts without padding, on the subject's device: the first ``width`` ids of the first
+    long-enough prompts."""
     encoded = [ids[:width] for ids in map(subject.encode, prompts) if len(ids) >= width]
-    return torch.tensor(encoded[:rows])
+    return torch.tensor(encoded[:rows], device=subject.device)
 
 
 def fixed_length_cell(subject: Subject, fixed_ids: torch.LongTensor, *, strategy: str, batch: int, steps: int,
@@ -186,7 +195,7 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
     load = os.getloadavg()[0]
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         ids = [subject.encode(words) for words in prompts[start:start + batch_size]]
-        input_ids, mask = prompt_batch(ids, pad_id=subject.pad_token_id)
+        input_ids, mask = (t.to(subject.device) for t in prompt_batch(ids, pad_id=subject.pad_token_id))
         runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=index),
                          repeats=repeats, start=index)
         prefix = input_ids.shape[1]
@@ -203,7 +212,8 @@ def workload_cell(subject: Subject, prompts: list[list[str]], *, strategy: str, 
             identical = identical and a.shape == b.shape and bool(torch.equal(a, b))
     refill_identical = None
     if refill and len(prompts) > batch_size:
-        input_ids, mask = prompt_batch([subject.encode(words) for words in prompts], pad_id=subject.pad_token_id)
+        input_ids, mask = (t.to(subject.device)
+                           for t in prompt_batch([subject.encode(words) for words in prompts], pad_id=subject.pad_token_id))
         rows = batch_size * WORKLOAD_STRATEGIES[strategy].get("num_beams", 1)   # the baseline's batch, in rows
         runs = alternate(workload_contenders(subject, input_ids, mask, strategy, max_new, seed=0,
                                              refill_rows=rows), repeats=repeats)
@@ -258,10 +268,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     plan = PLANS["quick" if args.quick else "full"]
     sections = set(args.sections.split(","))
-    meta = run_metadata(argv)
+    meta = run_metadata(argv, device=args.device)
     subjects = load_subjects(args.models.split(","), ctranslate2=not args.no_ctranslate2,
                              lstm_checkpoint=args.lstm_checkpoint, smollm2_finetunes=args.smollm2_finetunes,
-                             notes=notes)
+                             notes=notes, device=args.device)  # fmt: skip
     fixed: list[dict[str, Any]] = []
     if "fixed" in sections:
         prompts = wikitext_prompts(64)

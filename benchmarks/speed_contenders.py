@@ -75,13 +75,15 @@ def hand_loop_recurrent(model: Any, input_ids: torch.LongTensor, steps: int, eos
 
 def ct2_contender(subject: Subject, input_ids: torch.LongTensor, options: dict[str, Any], *, steps: int,
                   threads: int) -> Callable[[], Any] | None:
-    """CTranslate2 fp32 on the same prompts and settings (its own sampler: samples differ)."""
+    """CTranslate2 fp32 on the same prompts and settings, on the GPU when they are (its own sampler: samples
+    differ)."""
     if subject.ct2_dir is None:
         return None
     import ctranslate2
 
-    generator = ctranslate2.Generator(str(subject.ct2_dir), device="cpu", compute_type="float32",
-                                      intra_threads=threads, inter_threads=1)
+    device = "cuda" if input_ids.device.type == "cuda" else "cpu"
+    generator = ctranslate2.Generator(str(subject.ct2_dir), device=device, compute_type="float32",
+                                      intra_threads=threads, inter_threads=1)  # fmt: skip
     prompts = [subject.tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
     settings: dict[str, Any] = {"beam_size": options.get("num_beams", 1), "max_length": steps,
                                 "min_length": steps, "include_prompt_in_result": False}
@@ -90,7 +92,7 @@ def ct2_contender(subject: Subject, input_ids: torch.LongTensor, options: dict[s
 
     def run() -> torch.LongTensor:
         results = generator.generate_batch(prompts, **settings)
-        return torch.tensor([result.sequences_ids[0] for result in results])
+        return torch.tensor([result.sequences_ids[0] for result in results], device=input_ids.device)
 
     return run
 

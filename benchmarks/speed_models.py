@@ -43,6 +43,11 @@ class Subject:
     baseline_model: Any = None
     baseline_processors: Callable[[], list] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (inputs go there)."""
+        return next(self.model.parameters()).device
+
     def hf_generate(self, input_ids: torch.LongTensor, mask: torch.LongTensor, *, logits_processor: Sequence = (),
                     **options: Any) -> torch.LongTensor:
         """``model.generate`` on the same inputs (the base model with the head's processor first, if any)."""
@@ -197,10 +202,10 @@ def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_subjects(names: list[str], *, ctranslate2: bool, lstm_checkpoint: str | None, smollm2_finetunes: Path | None,
-                  notes: list[str]) -> list[Subject]:
-    """Build the requested models (``names`` from :data:`MODELS`); SmolLM2 also provides the tokenizer the
-    GPT-2 configs' prompts use. With ``ctranslate2``, SmolLM2 is converted too and a note on how that went
-    is appended to ``notes``."""
+                  notes: list[str], device: torch.device | str = "cpu") -> list[Subject]:
+    """Build the requested models (``names`` from :data:`MODELS`) on ``device``; SmolLM2 also provides the
+    tokenizer the GPT-2 configs' prompts use. With ``ctranslate2``, SmolLM2 is converted too and a note on
+    how that went is appended to ``notes``."""
     subjects: list[Subject] = []
     smol = smollm2_subject() if any(n in names for n in ("smollm2", "gpt2-small", "gpt2-tiny")) else None
     if "smollm2" in names:
@@ -218,4 +223,8 @@ def load_subjects(names: list[str], *, ctranslate2: bool, lstm_checkpoint: str |
     for kind in ("st", "nmst"):
         if f"smollm2-{kind}" in names:
             subjects.append(load_smollm2_self_terminating(kind, smollm2_finetunes))
+    for subject in subjects:
+        subject.model.to(device)
+        if subject.baseline_model is not None:
+            subject.baseline_model.to(device)
     return subjects

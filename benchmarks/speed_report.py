@@ -6,14 +6,17 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from benchmarks.common import command_line, git, report_header, run_environment
 
-__all__ = ["run_metadata", "markdown"]
+__all__ = ["run_metadata", "device_name", "markdown"]
 
 
-def run_metadata(argv: Sequence[str] | None) -> dict[str, Any]:
+def run_metadata(argv: Sequence[str] | None, *, device: torch.device | str = "cpu") -> dict[str, Any]:
     """:func:`benchmarks.common.run_environment` with what the speed tables add: the command, whether
-    ``decoding/`` differs from the commit, the CTranslate2 version and the load average at the start."""
+    ``decoding/`` differs from the commit, the CTranslate2 version, the load average at the start and the
+    device (with the GPU's name)."""
     try:
         import ctranslate2
 
@@ -22,7 +25,25 @@ def run_metadata(argv: Sequence[str] | None) -> dict[str, Any]:
         ct2_version = None
     return {"command": command_line("benchmarks.speed", argv), **run_environment(),
             "decoding_files_dirty": bool(git("status", "--porcelain", "decoding")), "ctranslate2": ct2_version,
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(), "device": device_name(device)}
+
+
+def device_name(device: torch.device | str) -> str:
+    """``"cpu"``, or e.g. ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def _device_lines(meta: dict[str, Any]) -> list[str]:
+    """The device line, on a GPU only (reports from before ``--device`` ran on the CPU)."""
+    device = meta.get("device", "cpu")
+    if device == "cpu":
+        return []
+    return [f"Device: {device}. Each call is synchronised before the clock stops; CPU time counts the host "
+            "only, so read wall time; peak device memory is in the JSON (`peak_device_mb`).  "]
 
 
 def _spread(stats: dict[str, float], key: str) -> str:
@@ -94,6 +115,7 @@ def markdown(meta: dict[str, Any], fixed: list[dict[str, Any]], workload: list[d
     lines = [
         "# Decoding speed: decoding.generate vs model.generate", "",
         *report_header(meta),
+        *_device_lines(meta),
         f"Load average at start {meta['loadavg_start'][0]:.1f}, at end {meta['loadavg_end'][0]:.1f} (a machine "
         f"shared with other jobs: read the CPU-time columns first); ctranslate2 {meta['ctranslate2']}", "",
         "## 1. Fixed length (eos disabled by min_new_tokens)", "",

@@ -16,6 +16,9 @@ def _subject() -> Subject:
                    encode=lambda words: [3 + (sum(map(ord, word)) % (VOCAB - 3)) for word in words])
 
 
+META = {"command": "x", "commit": "c", "dirty": False, "date": "d", "machine": "m", "torch_threads": 1,
+        "wall_seconds": 1.0, "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t",
+        "ctranslate2": None}
 PROMPTS = [f"w{i} x{i * 7} y{i % 3} z".split()[: 2 + i % 3] for i in range(6)]
 
 
@@ -38,10 +41,7 @@ def test_workload_sampling_times_the_consistent_sampler_in_both_loops():
     assert cell["identical"] is None  # different random streams: not comparable token for token
     assert set(cell["ratio_consistent"]) == {"wall", "cpu"}
     assert set(cell["ratio_consistent_refill"]) == {"wall", "cpu"}
-    meta = {"command": "x", "commit": "c", "dirty": False, "date": "d", "machine": "m", "torch_threads": 1,
-            "wall_seconds": 1.0, "loadavg_start": (0.0,), "loadavg_end": (0.0,), "torch": "t", "transformers": "t",
-            "ctranslate2": None}
-    assert "consistent-nucleus0.4 | transformers-consistent" in markdown(meta, [], [cell])
+    assert "consistent-nucleus0.4 | transformers-consistent" in markdown(META, [], [cell])
 
 
 def test_parse_args_checks_repeats_and_strategies(capsys):
@@ -53,6 +53,35 @@ def test_parse_args_checks_repeats_and_strategies(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_device_is_checked_and_every_model_goes_there(capsys, monkeypatch):
+    from benchmarks import speed, speed_models
+
+    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: False)
+    assert parse_args_device([]) == parse_args_device(["--device", "cpu"]) == speed.torch.device("cpu")
+    with pytest.raises(SystemExit):
+        parse_args_device(["--device", "cuda"])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    subjects = speed_models.load_subjects(["lstm"], ctranslate2=False, lstm_checkpoint=None, smollm2_finetunes=None,
+                                          notes=[], device="meta")  # meta stands for a GPU: shapes, no values
+    assert [subject.device.type for subject in subjects] == ["meta"]
+
+
+def parse_args_device(argv: list[str]):
+    from benchmarks.speed import parse_args
+
+    return parse_args(argv).device
+
+
+def test_the_report_names_a_gpu_and_timing_records_no_device_memory_on_the_cpu():
+    from benchmarks.speed_report import device_name
+    from benchmarks.timing import summary, timed
+
+    run = timed(lambda: sum(range(1000)))
+    assert run.output == 499500 and run.peak_device_mb is None and "peak_device_mb" not in summary([run])
+    assert device_name("cpu") == "cpu" and "Device:" not in markdown({**META, "device": "cpu"}, [], [])
+    assert "Device: cuda:0 (a GPU)" in markdown({**META, "device": "cuda:0 (a GPU)"}, [], [])
 
 
 def test_self_terminating_processor_reproduces_the_head_inside_model_generate():
