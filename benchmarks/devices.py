@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-__all__ = ["DTYPES", "add_device_arguments", "resolve_device", "training_autocast"]
+__all__ = ["DTYPES", "add_device_arguments", "resolve_device", "training_autocast", "training_bf16"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -63,3 +63,9 @@ def training_autocast(dtype: str, device: torch.device, *, tier: str | None) -> 
     if dtype == "bfloat16" and device.type != "cpu" and not _supports_bfloat16(device):
         raise ValueError(f"--dtype bfloat16: {device} does not support bfloat16 (use --dtype float32)")
     return "bfloat16" if dtype == "bfloat16" else None
+
+
+def training_bf16(dtype: str, device: torch.device, *, tier: bool) -> bool:
+    """:func:`training_autocast` for a setting kept as a flag (e.g. ``SmolSettings.train_bf16``): whether to
+    train under bfloat16 autocast; ``tier``: the tier's own flag, kept by ``auto`` on the CPU."""
+    return training_autocast(dtype, device, tier="bfloat16" if tier else None) == "bfloat16"

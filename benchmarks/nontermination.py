@@ -42,7 +42,7 @@ import torch
 from benchmarks.common import (REPO, add_run_arguments, command_line, format_epsilon, open_run_folder, run_environment,
                                say, select, set_threads)
 from benchmarks.datasets import add_data_arguments
-from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
+from benchmarks.devices import add_device_arguments, resolve_device, training_autocast, training_bf16
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.nontermination_settings import QUICK, STANDARD, Settings, cache_key, default_cache_dir
 from benchmarks.nontermination_words import WordModelSpec
@@ -290,12 +290,12 @@ def main(argv: list[str] | None = None, *, settings: Settings | None = None) -> 
     try:
         device = local_device(resolve_device(args.device))
         autocast = training_autocast(args.dtype, device, tier=settings.words.autocast)
-        smol_bf16 = training_autocast(args.dtype, device, tier="bfloat16" if settings.smol.train_bf16 else None)
+        smol_bf16 = training_bf16(args.dtype, device, tier=settings.smol.train_bf16)
     except ValueError as error:
         parser.error(str(error))
     ranks = init_distributed(device)  # a group of one without torchrun
     settings = replace(settings, words=replace(settings.words, autocast=autocast),
-                       smol=replace(settings.smol, train_bf16=smol_bf16 == "bfloat16"))  # fmt: skip
+                       smol=replace(settings.smol, train_bf16=smol_bf16))  # fmt: skip
     set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))

@@ -548,10 +548,11 @@ class SmolLM2Bench:
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self._set(saved["weights"])
             optimizer.load_state_dict(saved["optimizer"])
-            if "generator" in saved and saved.get("generator_device", "cpu") == generator.device.type:
-                generator.set_state(saved["generator"])
-            elif "generator" in saved:  # saved on another device type, whose state this one cannot take:
-                generator.manual_seed(self.seed + int(saved["step"]))  # a fresh stream keyed by the updates made
+            if "generator" in saved:
+                if saved.get("generator_device", "cpu") == generator.device.type:
+                    generator.set_state(saved["generator"])
+                else:  # saved on another device type, whose state this one cannot take: a fresh stream
+                    generator.manual_seed(self.seed + int(saved["step"]))  # keyed by the updates made
             done.update({key: saved[key] for key in done if key in saved})
         # one epoch over ``order``: the updates made are the batches visited
         position = LoopPosition(updates=done["step"], batch_index=done["step"], train_seconds=done["seconds"],

@@ -57,7 +57,7 @@ from benchmarks import smollm2
 from benchmarks.common import (REPO, add_run_arguments, cache_root, command_line, format_epsilon, open_run_folder,
                                run_environment, say, select, set_threads, settings_key, write_json)
 from benchmarks.datasets import add_data_arguments
-from benchmarks.devices import add_device_arguments, resolve_device, training_autocast
+from benchmarks.devices import add_device_arguments, resolve_device, training_bf16
 from benchmarks.nontermination_cells import DECODERS, CellResult, cell_file, decode_missing_cells, load_cell
 from benchmarks.smollm2 import CONTEXT_LEN, Head, SmolLM2Bench, SmolSettings
 from training.distributed import barrier, current_ranks, init_distributed, local_device, row_range
@@ -330,11 +330,11 @@ def main(argv: list[str] | None = None, *, settings: FrontierSettings | None = N
     settings = replace(settings or FrontierSettings(), seed=args.seed)
     try:
         device = local_device(resolve_device(args.device))
-        bf16 = training_autocast(args.dtype, device, tier="bfloat16" if settings.smol.train_bf16 else None)
+        bf16 = training_bf16(args.dtype, device, tier=settings.smol.train_bf16)
     except ValueError as error:
         parser.error(str(error))
     ranks = init_distributed(device)  # a group of one without torchrun
-    settings = replace(settings, smol=replace(settings.smol, train_bf16=bf16 == "bfloat16"))
+    settings = replace(settings, smol=replace(settings.smol, train_bf16=bf16))
     set_threads(parser, args.threads)
     if args.list:
         print("models:", ", ".join(all_models(settings)))

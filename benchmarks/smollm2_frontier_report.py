@@ -4,7 +4,7 @@ One row per model: test perplexity (and its ratio to ``ft-vanilla``'s), the perp
 on p(eos) costs on the test lines' lengths (:func:`training.perplexity_tax`), and per
 decoder r_L, the mean length ratio to the reference and seq-rep-4, with the fine-tuning time. Models are
 comparable only at equal compute: :func:`check_budgets` refuses records fine-tuned on different token budgets
-or layer counts, and continuations with different update budgets or numbers of processes.
+or layer counts, and continuations with different update budgets, numbers of processes or devices.
 """
 
 from __future__ import annotations
